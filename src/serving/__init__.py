@@ -1,0 +1,1 @@
+"""Partner model API platform."""

@@ -1,0 +1,194 @@
+"""``serving``: run the platform, run a gateway against a running cluster, manage partners and keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from serving.models.registry import load_registry
+from serving.partners.store import PartnerNotFound, PartnerStore
+from serving.settings import Settings, load_settings
+
+log = logging.getLogger("serving")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in ("data_dir", "grpc_port", "http_port", "ray_address", "model_registry"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = Path(value) if name in ("data_dir", "model_registry") else value
+    return load_settings(**overrides)
+
+
+def _demo_key(settings: Settings, store: PartnerStore) -> str:
+    """The demo partner's key: reused from the data directory, issued on first start."""
+    partner, _ = store.ensure_partner(settings.demo_partner)
+    path = settings.demo_key_path
+    if path.exists():
+        key = path.read_text().strip()
+        from serving.partners.keys import parse_key
+
+        parsed = parse_key(key)
+        stored = store.key(parsed.key_id) if parsed else None
+        if stored is not None and stored.active:
+            return key
+    key = store.issue_key(partner.id)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
+def _banner(settings: Settings, grpc_port: int, http_port: int, key: str) -> str:
+    http = f"http://{settings.http_host}:{http_port}"
+    grpc_addr = f"{settings.grpc_host}:{grpc_port}"
+    return f"""
+Partner model API is up.
+  gRPC  {grpc_addr}   (serving.v1.InferenceService, ModelService; health + reflection on)
+  HTTP  {http}   (OpenAPI: {http}/docs · metrics: {http}/metrics)
+  demo API key: {key}   (also in {settings.demo_key_path})
+
+Try it:
+  curl -s {http}/v1/embeddings -H "Authorization: Bearer $(cat {settings.demo_key_path})" \\
+       -H 'content-type: application/json' -d '{{"model": "minilm-l6", "input": "hello world"}}'
+  curl -s {http}/v1/chat/completions -H "Authorization: Bearer $(cat {settings.demo_key_path})" \\
+       -H 'content-type: application/json' \\
+       -d '{{"model": "smollm2-135m-instruct", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+  .venv/bin/python -m serving.client --target {grpc_addr} --api-key "$(cat {settings.demo_key_path})" \\
+       generate "What is the capital of France?"
+Ctrl-C stops everything.
+"""
+
+
+async def _serve_until_signal(
+    settings: Settings, handles: dict[str, Any], store: PartnerStore, key: str | None
+) -> None:
+    from serving.gateway.app import Gateway
+
+    specs = load_registry(settings.model_registry)
+    gateway = Gateway(settings, specs, handles, store)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if key is not None:
+        print(_banner(settings, gateway.grpc_port, gateway.http_port, key), flush=True)
+    # One machine-readable line for scripts and tests that start a gateway on port 0.
+    print("READY " + json.dumps({"grpc_port": gateway.grpc_port, "http_port": gateway.http_port}), flush=True)
+    await stop.wait()
+    log.info("stopping: draining in-flight requests (grace %.0f s)", settings.shutdown_grace_s)
+    await gateway.stop()
+
+
+def _ray_env() -> dict[str, Any]:
+    return {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    import ray
+    from ray import serve
+
+    from serving.models.deployment import deploy_models
+
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = PartnerStore(settings.database_path)
+    key = _demo_key(settings, store)
+    specs = load_registry(settings.model_registry)
+    print(f"starting Ray and deploying {len(specs)} models (the first start converts the GGUF model once)...")
+    ray.init(
+        address=settings.ray_address,
+        num_cpus=settings.ray_num_cpus,
+        include_dashboard=False,
+        runtime_env=_ray_env(),
+        logging_level=logging.WARNING,
+    )
+    try:
+        serve.start(proxy_location="Disabled")
+        handles = deploy_models(specs, settings.models_cache, settings.serve_app_name)
+        asyncio.run(_serve_until_signal(settings, handles, store, key))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        store.close()
+
+
+def cmd_gateway(args: argparse.Namespace) -> None:
+    """A gateway process attached to models another process (or KubeRay) deployed."""
+    import ray
+
+    from serving.models.deployment import attach_models
+
+    settings = _settings(args)
+    store = PartnerStore(settings.database_path)
+    ray.init(address=settings.ray_address or "auto", logging_level=logging.WARNING, namespace="serve")
+    try:
+        handles = attach_models(load_registry(settings.model_registry), settings.serve_app_name)
+        asyncio.run(_serve_until_signal(settings, handles, store, None))
+    finally:
+        ray.shutdown()
+        store.close()
+
+
+def cmd_keys_issue(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    store = PartnerStore(settings.database_path)
+    try:
+        partner = store.partner_by_name(args.partner)
+    except PartnerNotFound:
+        if not args.create:
+            sys.exit(f"no partner named {args.partner!r}; add --create to create it")
+        partner = store.create_partner(args.partner)
+    print(store.issue_key(partner.id))
+
+
+def cmd_partners_create(args: argparse.Namespace) -> None:
+    partner = PartnerStore(_settings(args).database_path).create_partner(args.name)
+    print(json.dumps({"id": partner.id, "name": partner.name}))
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="serving", description=__doc__)
+    root.add_argument("--data-dir", dest="data_dir", help="data directory (default var/, SERVING_DATA_DIR)")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="start Ray, deploy the models and run the gateway")
+    gateway = commands.add_parser("gateway", help="run a gateway against models already deployed")
+    for sub in (run, gateway):
+        sub.add_argument("--grpc-port", dest="grpc_port", type=int)
+        sub.add_argument("--http-port", dest="http_port", type=int)
+        sub.add_argument("--ray-address", dest="ray_address")
+        sub.add_argument("--model-registry", dest="model_registry")
+    run.set_defaults(func=cmd_run)
+    gateway.set_defaults(func=cmd_gateway)
+
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    issue = keys.add_parser("issue", help="print a new API key for a partner")
+    issue.add_argument("--partner", required=True)
+    issue.add_argument("--create", action="store_true", help="create the partner when missing")
+    issue.set_defaults(func=cmd_keys_issue)
+
+    partners = commands.add_parser("partners", help="partners").add_subparsers(dest="partners_command", required=True)
+    create = partners.add_parser("create", help="create a partner")
+    create.add_argument("name")
+    create.set_defaults(func=cmd_partners_create)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no code path may reach a model hub
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

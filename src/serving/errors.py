@@ -1,0 +1,105 @@
+"""Domain errors and the one table that maps each to a gRPC code, an HTTP status and an error type.
+
+Both front doors use ``describe()``; neither has its own mapping. Anything that is not a ``ServingError``
+is a bug and maps to INTERNAL / 500.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ServingError(Exception):
+    """Base of every error a partner may see. ``param`` names the offending field."""
+
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+
+class InvalidInput(ServingError):
+    pass
+
+
+class PayloadTooLarge(ServingError):
+    pass
+
+
+class Unauthenticated(ServingError):
+    pass
+
+
+class PermissionDenied(ServingError):
+    pass
+
+
+class ModelNotFound(ServingError):
+    pass
+
+
+class RouteNotFound(ServingError):
+    pass
+
+
+class QuotaExceeded(ServingError):
+    pass
+
+
+class Overloaded(ServingError):
+    pass
+
+
+class Unavailable(ServingError):
+    pass
+
+
+class DeadlineExceeded(ServingError):
+    pass
+
+
+class Cancelled(ServingError):
+    pass
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    grpc_code: str  # a grpc.StatusCode member name; only the gRPC front door imports grpc
+    http_status: int
+    type: str  # the "type" of the HTTP error body (OpenAI style)
+    code: str  # the "code" of the HTTP error body
+
+
+INTERNAL = ErrorKind("INTERNAL", 500, "server_error", "internal_error")
+
+ERROR_TABLE: dict[type[ServingError], ErrorKind] = {
+    InvalidInput: ErrorKind("INVALID_ARGUMENT", 400, "invalid_request_error", "invalid_argument"),
+    PayloadTooLarge: ErrorKind("INVALID_ARGUMENT", 413, "invalid_request_error", "payload_too_large"),
+    Unauthenticated: ErrorKind("UNAUTHENTICATED", 401, "authentication_error", "invalid_api_key"),
+    PermissionDenied: ErrorKind("PERMISSION_DENIED", 403, "permission_error", "permission_denied"),
+    ModelNotFound: ErrorKind("NOT_FOUND", 404, "invalid_request_error", "model_not_found"),
+    RouteNotFound: ErrorKind("UNIMPLEMENTED", 404, "invalid_request_error", "not_found"),
+    QuotaExceeded: ErrorKind("RESOURCE_EXHAUSTED", 429, "rate_limit_error", "quota_exceeded"),
+    Overloaded: ErrorKind("UNAVAILABLE", 503, "overloaded_error", "overloaded"),
+    Unavailable: ErrorKind("UNAVAILABLE", 503, "server_error", "unavailable"),
+    DeadlineExceeded: ErrorKind("DEADLINE_EXCEEDED", 504, "timeout_error", "deadline_exceeded"),
+    Cancelled: ErrorKind("CANCELLED", 499, "cancelled_error", "cancelled"),
+}
+
+
+def describe(error: BaseException) -> ErrorKind:
+    """The kind of an error; an unknown exception is INTERNAL (a bug, never a 4xx)."""
+    if isinstance(error, ServingError):
+        for cls in type(error).__mro__:
+            kind = ERROR_TABLE.get(cls)  # type: ignore[call-overload]
+            if kind is not None:
+                return kind
+    return INTERNAL
+
+
+def public_message(error: BaseException) -> str:
+    """What a partner sees: the domain message, or a generic line for bugs (details stay in logs)."""
+    if isinstance(error, ServingError):
+        return error.message
+    return "internal error; the request id identifies it in the server logs"

@@ -1,0 +1,1 @@
+"""The gateway: two front doors over one core."""

@@ -1,0 +1,116 @@
+"""Builds the gateway (core, both front doors) over model handles and runs it until told to stop.
+
+Shutdown is graceful: both servers stop accepting, in-flight requests get ``shutdown_grace_s`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass
+
+import uvicorn
+from transformers import AutoConfig
+
+from serving.domain import Task
+from serving.gateway.core import Core
+from serving.gateway.grpc import build_grpc_server
+from serving.gateway.http import build_http_app
+from serving.gateway.http_common import HttpConfig
+from serving.gateway.router import ModelRoute, Router
+from serving.models.codec import TextCodec
+from serving.models.deployment import models_ready
+from serving.models.registry import ModelSpec
+from serving.models.sources import resolve_model_dir
+from serving.observability.metrics import Metrics
+from serving.partners.auth import Authenticator
+from serving.partners.store import PartnerStore
+from serving.settings import Settings
+
+log = logging.getLogger("serving.gateway")
+
+_READY_CACHE_S = 2.0
+
+
+def build_routes(specs: list[ModelSpec], handles: dict[str, object], cache_dir: object) -> dict[str, ModelRoute]:
+    routes: dict[str, ModelRoute] = {}
+    for spec in specs:
+        model_dir = resolve_model_dir(spec, cache_dir)  # type: ignore[arg-type]
+        dims = 0 if spec.task is Task.GENERATE else int(AutoConfig.from_pretrained(model_dir).hidden_size)
+        routes[spec.id] = ModelRoute(spec=spec, codec=TextCodec(model_dir), handle=handles[spec.id], dimensions=dims)  # type: ignore[arg-type]
+    return routes
+
+
+@dataclass
+class _Readiness:
+    app_names: list[str]
+    checked_at: float = -1e9
+    ready: bool = False
+    stopping: bool = False
+
+    def __call__(self) -> bool:
+        if self.stopping:
+            return False
+        now = time.monotonic()
+        if now - self.checked_at > _READY_CACHE_S:
+            try:
+                self.ready = models_ready(self.app_names)
+            except Exception:  # the controller is unreachable: not ready
+                log.warning("readiness check failed", exc_info=True)
+                self.ready = False
+            self.checked_at = now
+        return self.ready
+
+
+class Gateway:
+    def __init__(
+        self, settings: Settings, specs: list[ModelSpec], handles: dict[str, object], store: PartnerStore
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.router = Router(build_routes(specs, handles, settings.models_cache), settings.batching)
+        self.core = Core(Authenticator(store, settings.auth_cache_ttl_s), self.router, settings.limits, self.metrics)
+        self.readiness = _Readiness([f"{settings.serve_app_name}-{spec.id}" for spec in specs])
+        self.grpc_port = 0
+        self.http_port = 0
+        self._grpc_server: object = None
+        self._http_server: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        grpc_server, self.grpc_port = await build_grpc_server(
+            self.core, s.grpc_host, s.grpc_port, s.limits.max_request_bytes
+        )
+        await grpc_server.start()
+        self._grpc_server = grpc_server
+        app = build_http_app(
+            self.core, self.metrics, HttpConfig(s.limits.max_request_bytes, s.http_timeout_s), self.readiness
+        )
+        # Bind the socket ourselves so the port (possibly 0) is known before serving starts.
+        sock = socket.create_server((s.http_host, s.http_port), reuse_port=False)
+        self.http_port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            timeout_graceful_shutdown=int(max(1, s.shutdown_grace_s)),
+            lifespan="off",
+            access_log=False,
+        )
+        self._http_server = uvicorn.Server(config)
+        # The socket already listens, so connections queue until uvicorn accepts them.
+        self._http_task = asyncio.create_task(self._http_server.serve(sockets=[sock]))
+
+    async def stop(self) -> None:
+        """Stop accepting; let in-flight requests finish within the grace period."""
+        self.readiness.stopping = True
+        grace = self.settings.shutdown_grace_s
+        tasks = []
+        if self._grpc_server is not None:
+            tasks.append(self._grpc_server.stop(grace))  # type: ignore[attr-defined]
+        if self._http_server is not None and self._http_task is not None:
+            self._http_server.should_exit = True
+            tasks.append(self._http_task)
+        await asyncio.gather(*tasks, return_exceptions=True)

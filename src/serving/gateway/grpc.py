@@ -1,0 +1,178 @@
+"""The gRPC front door: decode, call the core, encode. Errors leave through the one error table with
+``google.rpc`` rich details (BadRequest, QuotaFailure, RetryInfo, ErrorInfo).
+
+Handlers are wired by hand (not the generated ``add_*_to_server``) so that a body that fails to parse
+(invalid UTF-8, wrong wire types) or is too large becomes INVALID_ARGUMENT instead of grpc's INTERNAL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from serving.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    QuotaExceeded,
+    ServingError,
+    describe,
+    public_message,
+)
+from serving.gateway import convert
+from serving.gateway.core import CallContext, Core
+from serving.v1 import inference_pb2, models_pb2
+
+INFERENCE_SERVICE = "serving.v1.InferenceService"
+MODEL_SERVICE = "serving.v1.ModelService"
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    error: ServingError
+
+
+def _parser(message: type[Message], max_bytes: int) -> Callable[[bytes], Message | _Malformed]:
+    def parse(data: bytes) -> Message | _Malformed:
+        if len(data) > max_bytes:
+            return _Malformed(PayloadTooLarge(f"the request is {len(data)} bytes; at most {max_bytes}"))
+        try:
+            return message.FromString(data)
+        except DecodeError as exc:
+            return _Malformed(InvalidInput(f"malformed {message.DESCRIPTOR.name} (strings must be valid UTF-8): {exc}"))
+
+    return parse
+
+
+def rich_status(exc: BaseException) -> grpc.Status:
+    kind = describe(exc)
+    code = grpc.StatusCode[kind.grpc_code]
+    message = public_message(exc)
+    status = status_pb2.Status(code=code.value[0], message=message)
+    details: list[Message] = [error_details_pb2.ErrorInfo(reason=kind.code.upper(), domain="serving.v1")]
+    if isinstance(exc, ServingError):
+        if exc.param and kind.grpc_code == "INVALID_ARGUMENT":
+            violation = error_details_pb2.BadRequest.FieldViolation(field=exc.param, description=message)
+            details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+        if isinstance(exc, QuotaExceeded):
+            violation = error_details_pb2.QuotaFailure.Violation(subject=exc.param or "", description=message)
+            details.append(error_details_pb2.QuotaFailure(violations=[violation]))
+        if exc.retry_after_s is not None:
+            delay = duration_pb2.Duration()
+            delay.FromMilliseconds(int(exc.retry_after_s * 1000))
+            details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    for detail in details:
+        status.details.add().Pack(detail)
+    return rpc_status.to_status(status)
+
+
+def _context(context: grpc.aio.ServicerContext) -> CallContext:
+    api_key = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            api_key = token.strip() if scheme.lower() == "bearer" else None
+    return CallContext(api_key=api_key, timeout_s=context.time_remaining())
+
+
+class GrpcFrontDoor:
+    def __init__(self, core: Core, max_request_bytes: int) -> None:
+        self._core = core
+        self._max_bytes = max_request_bytes
+
+    def _unary(
+        self,
+        message: type[Message],
+        to_domain: Callable[[Any], Any],
+        call: Callable[[CallContext, Any], Awaitable[Any]],
+        to_wire: Callable[[Any], Message],
+    ) -> grpc.RpcMethodHandler:
+        async def handle(request: Message | _Malformed, context: grpc.aio.ServicerContext) -> Message:
+            try:
+                if isinstance(request, _Malformed):
+                    raise request.error
+                return to_wire(await call(_context(context), to_domain(request)))
+            except Exception as exc:
+                await context.abort_with_status(rich_status(exc))
+                raise  # unreachable: abort raises
+
+        return grpc.unary_unary_rpc_method_handler(
+            handle, request_deserializer=_parser(message, self._max_bytes), response_serializer=_serialize
+        )
+
+    def _generate_stream(self) -> grpc.RpcMethodHandler:
+        async def handle(request: Message | _Malformed, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+            try:
+                if isinstance(request, _Malformed):
+                    raise request.error
+                stream = await self._core.generate_stream(_context(context), convert.generate_request(request))
+                async for event in stream:
+                    yield convert.stream_event(event)
+            except Exception as exc:
+                await context.abort_with_status(rich_status(exc))
+
+        return grpc.unary_stream_rpc_method_handler(
+            handle,
+            request_deserializer=_parser(inference_pb2.GenerateRequest, self._max_bytes),
+            response_serializer=_serialize,
+        )
+
+    def handlers(self) -> list[grpc.GenericRpcHandler]:
+        core = self._core
+        inference = {
+            "Embed": self._unary(inference_pb2.EmbedRequest, convert.embed_request, core.embed, convert.embed_response),
+            "Classify": self._unary(
+                inference_pb2.ClassifyRequest,
+                convert.classify_request,
+                core.classify,
+                convert.classify_response,
+            ),
+            "Generate": self._unary(
+                inference_pb2.GenerateRequest,
+                convert.generate_request,
+                core.generate,
+                convert.generate_response,
+            ),
+            "GenerateStream": self._generate_stream(),
+        }
+        models = {
+            "ListModels": self._unary(
+                models_pb2.ListModelsRequest,
+                lambda _request: None,
+                lambda ctx, _none: core.list_models(ctx),
+                convert.models_response,
+            )
+        }
+        return [
+            grpc.method_handlers_generic_handler(INFERENCE_SERVICE, inference),
+            grpc.method_handlers_generic_handler(MODEL_SERVICE, models),
+        ]
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+async def build_grpc_server(core: Core, host: str, port: int, max_request_bytes: int) -> tuple[grpc.aio.Server, int]:
+    """The server with inference, models, health and reflection; returns it with its bound port."""
+    # grpc's own cap sits well above ours so that oversize bodies reach our check and get INVALID_ARGUMENT.
+    cap = max(16 * 1024 * 1024, 4 * max_request_bytes)
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", cap), ("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers(GrpcFrontDoor(core, max_request_bytes).handlers())
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (INFERENCE_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    for service in ("", INFERENCE_SERVICE, MODEL_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound

@@ -1,0 +1,187 @@
+"""The HTTP front door: native ``/v1`` routes mirroring the gRPC API, the OpenAI-compatible routes
+(``http_openai``), health, readiness and metrics. Errors leave through the one error table with the body
+``{"error": {"message", "type", "code", "param"}}``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.domain import (
+    ClassifyRequest,
+    EmbedRequest,
+    GenerateRequest,
+    GenerateResult,
+    ModelInfo,
+    StreamEvent,
+    TextDelta,
+)
+from serving.errors import InvalidInput, RouteNotFound, ServingError
+from serving.gateway import http_schemas as schemas
+from serving.gateway.core import Core
+from serving.gateway.http_common import (
+    BodyLimit,
+    HttpConfig,
+    call_context,
+    error_response,
+    request_id_header,
+    sse,
+    validation_response,
+)
+from serving.gateway.http_openai import openai_router
+from serving.observability.metrics import Metrics
+
+log = logging.getLogger("serving.http")
+
+
+def usage_body(result: GenerateResult) -> schemas.UsageBody:
+    return schemas.UsageBody(input_tokens=result.usage.input_tokens, output_tokens=result.usage.output_tokens)
+
+
+def model_list(models: list[ModelInfo]) -> schemas.ModelList:
+    return schemas.ModelList(
+        data=[
+            schemas.ModelCard(
+                id=m.id,
+                task=m.task.value,
+                dimensions=m.dimensions,
+                max_input_tokens=m.max_input_tokens,
+                ready=m.ready,
+            )
+            for m in models
+        ]
+    )
+
+
+def _generate_request(body: schemas.GenerateBody, request: Request) -> GenerateRequest:
+    return GenerateRequest(
+        model=body.model,
+        messages=[m.domain() for m in body.messages],
+        prompt=body.prompt,
+        max_tokens=body.max_tokens,
+        temperature=None if body.temperature is None else float(body.temperature),
+        top_p=None if body.top_p is None else float(body.top_p),
+        stop=body.stop,
+        seed=body.seed,
+        request_id=body.request_id or request_id_header(request),
+    )
+
+
+def _generate_reply(result: GenerateResult) -> schemas.GenerateReply:
+    return schemas.GenerateReply(
+        model=result.model,
+        text=result.text,
+        finish_reason=result.finish_reason.value,
+        usage=usage_body(result),
+        request_id=result.request_id,
+    )
+
+
+async def _native_events(stream: AsyncIterator[StreamEvent]) -> AsyncIterator[str]:
+    try:
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                yield f"event: delta\ndata: {json.dumps({'delta': event.text})}\n\n"
+            else:
+                yield f"event: final\ndata: {_generate_reply(event).model_dump_json()}\n\n"
+    except Exception as exc:  # headers are gone: the error travels as the last event
+        yield f"event: error\ndata: {bytes(error_response(exc).body).decode()}\n\n"
+
+
+def build_http_app(core: Core, metrics: Metrics, config: HttpConfig, ready: Callable[[], bool]) -> FastAPI:
+    app = FastAPI(
+        title="Partner model API",
+        version="1.0.0",
+        description="Embeddings, classification and generation. Authenticate with `Authorization: Bearer <key>`.",
+        responses={code: {"model": schemas.ErrorBody} for code in (400, 401, 403, 404, 413, 429, 503, 504)},
+    )
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_response(exc)
+
+    @app.exception_handler(ServingError)
+    async def _on_domain(_request: Request, exc: ServingError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI raises these for bodies it cannot read (e.g. invalid UTF-8) and for unknown routes.
+        if exc.status_code == 404:
+            return error_response(RouteNotFound(f"no route {_request.method} {_request.url.path}; see /docs"))
+        if exc.status_code == 405:
+            return error_response(InvalidInput(f"method {_request.method} is not allowed on {_request.url.path}"))
+        return error_response(InvalidInput(f"the body cannot be read: {exc.detail} (send UTF-8 JSON)"))
+
+    @app.exception_handler(Exception)
+    async def _on_bug(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(exc)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> Response:
+        ok = ready()
+        return JSONResponse({"status": "ready" if ok else "loading"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/embed", response_model=schemas.EmbedReply, tags=["inference"])
+    async def embed(body: schemas.EmbedBody, request: Request) -> schemas.EmbedReply:
+        result = await core.embed(
+            call_context(request, config),
+            EmbedRequest(body.model, body.texts, body.request_id or request_id_header(request)),
+        )
+        return schemas.EmbedReply(
+            model=result.model,
+            embeddings=result.embeddings,
+            usage=schemas.UsageBody(input_tokens=result.usage.input_tokens, output_tokens=0),
+            request_id=result.request_id,
+        )
+
+    @app.post("/v1/classify", response_model=schemas.ClassifyReply, tags=["inference"])
+    async def classify(body: schemas.ClassifyBody, request: Request) -> schemas.ClassifyReply:
+        result = await core.classify(
+            call_context(request, config),
+            ClassifyRequest(body.model, body.texts, body.labels, body.request_id or request_id_header(request)),
+        )
+        return schemas.ClassifyReply(
+            model=result.model,
+            results=[
+                schemas.ClassificationBody(
+                    label=c.label, scores=[schemas.LabelScoreBody(label=lb, score=s) for lb, s in c.scores]
+                )
+                for c in result.results
+            ],
+            usage=schemas.UsageBody(input_tokens=result.usage.input_tokens, output_tokens=0),
+            request_id=result.request_id,
+        )
+
+    @app.post("/v1/generate", response_model=schemas.GenerateReply, tags=["inference"])
+    async def generate(body: schemas.GenerateBody, request: Request) -> schemas.GenerateReply:
+        result = await core.generate(call_context(request, config), _generate_request(body, request))
+        return _generate_reply(result)
+
+    @app.post("/v1/generate/stream", tags=["inference"], response_class=StreamingResponse)
+    async def generate_stream(body: schemas.GenerateBody, request: Request) -> StreamingResponse:
+        stream = await core.generate_stream(call_context(request, config), _generate_request(body, request))
+        return sse(_native_events(stream))
+
+    @app.get("/v1/models", response_model=schemas.ModelList, tags=["models"])
+    async def models(request: Request) -> schemas.ModelList:
+        return model_list(await core.list_models(call_context(request, config)))
+
+    app.include_router(openai_router(core, config))
+    return app

@@ -1,0 +1,98 @@
+"""What both HTTP route modules share: call context from headers, the error response, body limits, SSE."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.errors import InvalidInput, PayloadTooLarge, ServingError, describe, public_message
+from serving.gateway import http_schemas as schemas
+from serving.gateway.core import CallContext
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    max_request_bytes: int
+    timeout_s: float
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    kind = describe(exc)
+    param = exc.param if isinstance(exc, ServingError) else None
+    headers = {}
+    if isinstance(exc, ServingError) and exc.retry_after_s is not None:
+        headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
+    body = schemas.error_body(public_message(exc), kind.type, kind.code, param)
+    return JSONResponse(body, status_code=kind.http_status, headers=headers)
+
+
+def validation_response(exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    if first.get("type") == "json_invalid":
+        message = f"the body is not valid JSON (UTF-8): {first.get('ctx', {}).get('error', '')}".strip()
+        return error_response(_invalid(message, None))
+    loc = [part for part in first.get("loc", ()) if part != "body"]
+    param = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+    message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+    return error_response(_invalid(message, param or None))
+
+
+def _invalid(message: str, param: str | None) -> ServingError:
+    return InvalidInput(message, param=param)
+
+
+class BodyLimit:
+    """Rejects bodies over the limit with 413 before they are parsed (declared or streamed length)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = PayloadTooLarge(f"the body is larger than {self.max_bytes} bytes; send less per call")
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await error_response(too_large)(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise too_large
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except PayloadTooLarge as exc:
+            await error_response(exc)(scope, receive, send)
+
+
+def call_context(request: Request, config: HttpConfig) -> CallContext:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    timeout = config.timeout_s
+    raw = request.headers.get("x-request-timeout")
+    if raw:
+        try:
+            timeout = min(timeout, max(float(raw), 0.0))
+        except ValueError as exc:
+            raise _invalid("x-request-timeout must be a number of seconds", "x-request-timeout") from exc
+    return CallContext(api_key=token.strip() if scheme.lower() == "bearer" else None, timeout_s=timeout)
+
+
+def request_id_header(request: Request) -> str:
+    return request.headers.get("idempotency-key") or request.headers.get("x-request-id") or ""
+
+
+def sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})

@@ -1,0 +1,85 @@
+"""Groups concurrent requests for one model into one call across the Ray boundary.
+
+A batch is sent when it holds ``max_batch_size`` items or when its oldest item has waited ``max_wait_s``
+(a timer armed by the first item; never a fixed sleep). Requests carry several items; a request never
+straddles two batches, and one larger than the cap goes alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+@dataclass
+class _Pending(Generic[In, Out]):
+    items: list[In]
+    future: asyncio.Future[list[Out]]
+
+
+@dataclass
+class _Batch(Generic[In, Out]):
+    pending: list[_Pending[In, Out]] = field(default_factory=list)
+    size: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class MicroBatcher(Generic[In, Out]):
+    def __init__(
+        self, send: Callable[[list[In]], Awaitable[list[Out]]], max_batch_size: int, max_wait_s: float
+    ) -> None:
+        self._send = send
+        self._max_batch_size = max_batch_size
+        self._max_wait_s = max_wait_s
+        self._open: _Batch[In, Out] = _Batch()
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    async def submit(self, items: list[In]) -> list[Out]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Out]] = loop.create_future()
+        if self._open.size + len(items) > self._max_batch_size and self._open.pending:
+            self._flush()
+        batch = self._open
+        batch.pending.append(_Pending(items, future))
+        batch.size += len(items)
+        if batch.size >= self._max_batch_size:
+            self._flush()
+        elif batch.timer is None:
+            batch.timer = loop.call_later(self._max_wait_s, self._flush_if_open, batch)
+        return await future
+
+    def _flush_if_open(self, batch: _Batch[In, Out]) -> None:
+        if batch is self._open:
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self._open = self._open, _Batch()
+        if batch.timer is not None:
+            batch.timer.cancel()
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._inflight.add(task)
+        task.add_done_callback(self._inflight.discard)
+
+    async def _run(self, batch: _Batch[In, Out]) -> None:
+        live = [p for p in batch.pending if not p.future.done()]  # callers that gave up are dropped
+        if not live:
+            return
+        try:
+            outputs = await self._send([item for p in live for item in p.items])
+        except BaseException as exc:  # every caller in the batch hears the failure
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        start = 0
+        for p in live:
+            if not p.future.done():
+                p.future.set_result(outputs[start : start + len(p.items)])
+            start += len(p.items)

@@ -1,0 +1,1 @@
+"""Model layer: the registry, the runners (hook contract) and the Ray Serve deployments."""

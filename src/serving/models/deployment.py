@@ -1,0 +1,125 @@
+"""Ray Serve deployments: one application per model, each a deployment whose replicas run a runner.
+
+Embed and classify replicas batch across callers with ``@serve.batch`` (each call already carries a
+gateway micro-batch); generation replicas run the streaming engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serving.domain import Task
+from serving.models.classify import ZeroShotRunner
+from serving.models.embed import EmbedRunner
+from serving.models.engine import GenerationEngine
+from serving.models.generate import GenerateItem, GenerateOutput, GenerateRunner
+from serving.models.noop import NoopRunner
+from serving.models.registry import ModelSpec
+from serving.models.runner import Runner, run_batch
+from serving.models.sources import resolve_model_dir
+from serving.models.stats import BatchStats
+
+
+def _setup(spec: ModelSpec, cache_dir: str, runner: Any) -> None:
+    torch.set_num_threads(spec.replicas.torch_threads)
+    runner.setup(resolve_model_dir(spec, Path(cache_dir)), spec.device, spec.dtype)
+
+
+class BatchedModel:
+    """Embed / classify replica."""
+
+    def __init__(self, spec: ModelSpec, cache_dir: str) -> None:
+        self.spec = spec
+        self.runner: Runner
+        if spec.runner == "noop":
+            self.runner = NoopRunner()
+        elif spec.task is Task.EMBED:
+            self.runner = EmbedRunner(spec.max_input_tokens)
+        else:
+            self.runner = ZeroShotRunner(spec.max_input_tokens, spec.hypothesis)
+        _setup(spec, cache_dir, self.runner)
+        self.stats = BatchStats()
+        self.infer.set_max_batch_size(spec.batching.max_batch_size)
+        self.infer.set_batch_wait_timeout_s(spec.batching.max_wait_ms / 1000)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def infer(self, calls: list[list[Any]]) -> list[list[Any]]:
+        items = [item for call in calls for item in call]
+        self.stats.record(len(items))
+        outputs = await asyncio.to_thread(run_batch, self.runner, items, self.spec.batching.max_batch_size)
+        results, start = [], 0
+        for call in calls:
+            results.append(outputs[start : start + len(call)])
+            start += len(call)
+        return results
+
+    def batch_stats(self) -> dict[str, object]:
+        return self.stats.snapshot()
+
+
+class GenerateModel:
+    """Generation replica: streams text deltas, then one GenerateOutput."""
+
+    def __init__(self, spec: ModelSpec, cache_dir: str) -> None:
+        self.runner = GenerateRunner()
+        _setup(spec, cache_dir, self.runner)
+        self.stats = BatchStats()
+        self.engine = GenerationEngine(
+            self.runner, spec.batching.max_batch_size, spec.batching.max_wait_ms / 1000, self.stats
+        )
+
+    async def generate(self, item: GenerateItem) -> AsyncIterator[str | GenerateOutput]:
+        async for event in self.engine.stream(item):
+            yield event
+
+    def batch_stats(self) -> dict[str, object]:
+        return self.stats.snapshot()
+
+
+def build_application(spec: ModelSpec, cache_dir: Path) -> serve.Application:
+    cls = GenerateModel if spec.task is Task.GENERATE else BatchedModel
+    replicas = spec.replicas
+    options: dict[str, Any] = {
+        "name": spec.id,
+        "ray_actor_options": {"num_cpus": replicas.num_cpus, "num_gpus": replicas.num_gpus},
+        # Embed/classify calls are whole micro-batches; generation calls are one stream each.
+        "max_ongoing_requests": 256,
+        "health_check_period_s": 5,
+    }
+    if replicas.min_replicas is not None and replicas.max_replicas is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": replicas.min_replicas,
+            "max_replicas": replicas.max_replicas,
+            "target_ongoing_requests": spec.batching.max_batch_size,
+        }
+    else:
+        options["num_replicas"] = replicas.num_replicas
+    return serve.deployment(cls).options(**options).bind(spec, str(cache_dir))
+
+
+def deploy_models(specs: list[ModelSpec], cache_dir: Path, app_prefix: str) -> dict[str, DeploymentHandle]:
+    """Deploys every model (one Serve application each) and waits until all are running."""
+    targets = [
+        serve.RunTarget(build_application(spec, cache_dir), name=f"{app_prefix}-{spec.id}", route_prefix=None)
+        for spec in specs
+    ]
+    handles = serve.run_many(targets, wait_for_applications_running=True)
+    return {spec.id: handle for spec, handle in zip(specs, handles, strict=True)}
+
+
+def attach_models(specs: list[ModelSpec], app_prefix: str) -> dict[str, DeploymentHandle]:
+    """Handles to models another process deployed (a gateway-only process)."""
+    return {spec.id: serve.get_app_handle(f"{app_prefix}-{spec.id}") for spec in specs}
+
+
+def models_ready(app_names: list[str]) -> bool:
+    """Whether every model application is RUNNING (asks the Serve controller)."""
+    applications = serve.status().applications
+    return all(name in applications and applications[name].status == "RUNNING" for name in app_names)

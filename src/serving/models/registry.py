@@ -1,0 +1,108 @@
+"""The model registry file (TOML): what each model is, where its files are, how it is batched and scaled."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serving.domain import Task
+
+DEFAULT_REGISTRY = Path(__file__).with_name("default.toml")
+
+
+class RegistryError(ValueError):
+    """The registry file is malformed; raised at startup."""
+
+
+@dataclass(frozen=True)
+class Source:
+    package: str | None = None  # an installed package holding the files
+    path: str = ""  # a directory inside the package (or absolute when no package)
+    dir: str | None = None  # a local model directory
+    gguf: str | None = None  # a GGUF file name inside `package` or `dir`
+
+
+@dataclass(frozen=True)
+class ModelBatching:
+    max_batch_size: int = 32
+    max_wait_ms: float = 5.0
+
+
+@dataclass(frozen=True)
+class Replicas:
+    num_replicas: int = 1
+    min_replicas: int | None = None  # set both min and max to autoscale
+    max_replicas: int | None = None
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    torch_threads: int = 1
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    task: Task
+    source: Source
+    device: str = "auto"
+    dtype: str = "float32"
+    max_input_tokens: int = 256
+    hypothesis: str = "This text is about {label}."
+    labels: tuple[str, ...] = ()
+    runner: str = "transformers"  # "noop" serves zero vectors without running a model (overhead benchmarks)
+    batching: ModelBatching = field(default_factory=ModelBatching)
+    replicas: Replicas = field(default_factory=Replicas)
+
+
+def _build(cls: type[Any], raw: Any, where: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{where} must be a table")
+    try:
+        return cls(**raw)
+    except TypeError as exc:
+        raise RegistryError(f"{where}: {exc}") from exc
+
+
+def parse_registry(data: dict[str, Any]) -> list[ModelSpec]:
+    specs: list[ModelSpec] = []
+    for i, raw in enumerate(data.get("models", [])):
+        where = f"models[{i}]"
+        try:
+            task = Task(raw["task"])
+            model_id = str(raw["id"])
+        except (KeyError, ValueError) as exc:
+            raise RegistryError(f"{where} needs an id and a task (embed/classify/generate): {exc}") from exc
+        source = _build(Source, raw.get("source"), f"{where}.source")
+        if not (source.package or source.dir or source.path):
+            raise RegistryError(f"{where}.source needs package, dir or path")
+        specs.append(
+            ModelSpec(
+                id=model_id,
+                task=task,
+                source=source,
+                device=str(raw.get("device", "auto")),
+                dtype=str(raw.get("dtype", "float32")),
+                max_input_tokens=int(raw.get("max_input_tokens", 256)),
+                hypothesis=str(raw.get("hypothesis", ModelSpec.hypothesis)),
+                labels=tuple(raw.get("labels", ())),
+                runner=str(raw.get("runner", "transformers")),
+                batching=_build(ModelBatching, raw.get("batching"), f"{where}.batching"),
+                replicas=_build(Replicas, raw.get("replicas"), f"{where}.replicas"),
+            )
+        )
+    ids = [s.id for s in specs]
+    if len(set(ids)) != len(ids) or not ids:
+        raise RegistryError(f"the registry needs at least one model and unique ids; got {ids}")
+    return specs
+
+
+def load_registry(path: Path | None = None) -> list[ModelSpec]:
+    target = path or DEFAULT_REGISTRY
+    try:
+        data = tomllib.loads(target.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise RegistryError(f"cannot read model registry {target}: {exc}") from exc
+    return parse_registry(data)

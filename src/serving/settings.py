@@ -1,0 +1,132 @@
+"""Every setting, typed, read once from the environment (prefix ``SERVING_``) and validated at startup.
+
+Nothing else reads the environment; components get the values they need passed in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; raised at startup."""
+
+
+def _parse_bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(f"{name} must be one of 1/0, true/false, yes/no, on/off; got {raw!r}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Edge validation limits; documented in the README."""
+
+    max_texts_per_call: int = 64
+    max_text_tokens: int = 256
+    max_request_bytes: int = 1_048_576
+    max_prompt_tokens: int = 2048
+    max_output_tokens: int = 512
+    default_output_tokens: int = 128
+    max_stop_sequences: int = 4
+    max_labels: int = 32
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Gateway micro-batching per model: flush on size or on deadline."""
+
+    max_batch_size: int = 32
+    max_wait_ms: float = 2.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("var")
+    model_registry: Path | None = None
+    model_cache_dir: Path | None = None
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    http_timeout_s: float = 60.0
+    shutdown_grace_s: float = 20.0
+    ray_address: str | None = None
+    ray_num_cpus: int | None = None
+    serve_app_name: str = "models"
+    demo_partner: str = "demo"
+    auth_cache_ttl_s: float = 5.0
+    log_level: str = "INFO"
+    limits: Limits = field(default_factory=Limits)
+    batching: Batching = field(default_factory=Batching)
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "serving.db"
+
+    @property
+    def models_cache(self) -> Path:
+        return self.model_cache_dir or self.data_dir / "models"
+
+    @property
+    def demo_key_path(self) -> Path:
+        return self.data_dir / "demo-api-key"
+
+    def validate(self) -> Settings:
+        for name in ("grpc_port", "http_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise SettingsError(f"{name} must be in 0..65535; got {port}")
+        if self.http_timeout_s <= 0 or self.shutdown_grace_s < 0:
+            raise SettingsError("http_timeout_s must be > 0 and shutdown_grace_s >= 0")
+        if self.batching.max_batch_size < 1 or self.batching.max_wait_ms < 0:
+            raise SettingsError("batching needs max_batch_size >= 1 and max_wait_ms >= 0")
+        limits = self.limits
+        if not 1 <= limits.default_output_tokens <= limits.max_output_tokens:
+            raise SettingsError("limits need 1 <= default_output_tokens <= max_output_tokens")
+        return self
+
+
+def _convert(name: str, raw: str, kind: Any) -> Any:
+    kinds = str(kind)
+    try:
+        if "bool" in kinds:
+            return _parse_bool(name, raw)
+        if "Path" in kinds:
+            return Path(raw) if raw else None
+        if "int" in kinds:
+            return int(raw) if raw else None
+        if "float" in kinds:
+            return float(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{name}: cannot parse {raw!r} ({exc})") from exc
+    return raw or None if "None" in kinds else raw
+
+
+def _overlay(obj: Any, env: Mapping[str, str], prefix: str) -> Any:
+    changes: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in ("limits", "batching"):
+            changes[f.name] = _overlay(value, env, f"{prefix}{f.name.upper()}_")
+            continue
+        key = f"{prefix}{f.name.upper()}"
+        if key in env:
+            changes[f.name] = _convert(key, env[key], f.type)
+    return replace(obj, **changes)
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from ``SERVING_*`` variables (``SERVING_LIMITS_MAX_TEXTS_PER_CALL`` for nested ones)."""
+    base = _overlay(Settings(), os.environ if env is None else env, "SERVING_")
+    return replace(base, **overrides).validate()

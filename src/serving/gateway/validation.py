@@ -101,5 +101,6 @@ def prompt_ids(req: GenerateRequest, codec: TextCodec, spec: ModelSpec, limits: 
         raise InvalidInput("messages or prompt is required", param="messages")
     cap = min(limits.max_prompt_tokens, spec.max_input_tokens)
     if len(ids) > cap:
-        raise InvalidInput(f"the prompt has {len(ids)} tokens; {spec.id} accepts at most {cap}", param="messages")
+        field = "messages" if req.messages else "prompt"
+        raise InvalidInput(f"{field} has {len(ids)} tokens; {spec.id} accepts at most {cap}", param=field)
     return ids

@@ -1,0 +1,92 @@
+"""One Ray cluster and one set of real small models for the whole session; a gateway on port 0 over them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from serving.gateway.app import Gateway
+from serving.models.registry import ModelSpec, load_registry
+from serving.partners.store import PartnerStore
+from serving.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return load_settings(
+        env={},
+        data_dir=tmp_path_factory.mktemp("data"),
+        # The converted generation model is cached across runs (converting takes ~20 s).
+        model_cache_dir=ROOT / ".cache" / "models",
+        grpc_port=0,
+        http_port=0,
+        shutdown_grace_s=10.0,
+        serve_app_name="test",
+    )
+
+
+@pytest.fixture(scope="session")
+def specs(settings: Settings) -> list[ModelSpec]:
+    return load_registry(settings.model_registry)
+
+
+@pytest.fixture(scope="session")
+def ray_models(settings: Settings, specs: list[ModelSpec]) -> Iterator[dict[str, Any]]:
+    import ray
+    from ray import serve
+
+    from serving.models.deployment import deploy_models
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}},
+        log_to_driver=False,
+    )
+    serve.start(proxy_location="Disabled")
+    try:
+        yield deploy_models(specs, settings.models_cache, settings.serve_app_name)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def store(settings: Settings) -> Iterator[PartnerStore]:
+    store = PartnerStore(settings.database_path)
+    yield store
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def api_key(store: PartnerStore) -> str:
+    partner = store.create_partner("acme")
+    return store.issue_key(partner.id)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def gateway(
+    settings: Settings, specs: list[ModelSpec], ray_models: dict[str, Any], store: PartnerStore
+) -> AsyncIterator[Gateway]:
+    gw = Gateway(settings, specs, ray_models, store)
+    await gw.start()
+    yield gw
+    await gw.stop()
+
+
+@pytest.fixture
+def grpc_target(gateway: Gateway) -> str:
+    return f"127.0.0.1:{gateway.grpc_port}"
+
+
+@pytest.fixture
+def http_base(gateway: Gateway) -> str:
+    return f"http://127.0.0.1:{gateway.http_port}"

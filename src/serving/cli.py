@@ -49,6 +49,8 @@ def _demo_key(settings: Settings, store: PartnerStore) -> str:
 def _banner(settings: Settings, grpc_port: int, http_port: int, key: str) -> str:
     http = f"http://{settings.http_host}:{http_port}"
     grpc_addr = f"{settings.grpc_host}:{grpc_port}"
+    question = {"role": "user", "content": "What is the capital of France?"}
+    chat = json.dumps({"model": "smollm2-135m-instruct", "messages": [question]})
     return f"""
 Partner model API is up.
   gRPC  {grpc_addr}   (serving.v1.InferenceService, ModelService; health + reflection on)
@@ -60,7 +62,7 @@ Try it:
        -H 'content-type: application/json' -d '{{"model": "minilm-l6", "input": "hello world"}}'
   curl -s {http}/v1/chat/completions -H "Authorization: Bearer $(cat {settings.demo_key_path})" \\
        -H 'content-type: application/json' \\
-       -d '{{"model": "smollm2-135m-instruct", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+       -d '{chat}'
   .venv/bin/python -m serving.client --target {grpc_addr} --api-key "$(cat {settings.demo_key_path})" \\
        generate "What is the capital of France?"
 Ctrl-C stops everything.
@@ -116,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         handles = deploy_models(specs, settings.models_cache, settings.serve_app_name)
         asyncio.run(_serve_until_signal(settings, handles, store, key))
     finally:
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
         store.close()
 

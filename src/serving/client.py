@@ -55,9 +55,9 @@ class ApiError(Exception):
 
 
 def _api_error(error: grpc.RpcError) -> ApiError:
-    code = error.code().name if error.code() else "UNKNOWN"  # type: ignore[attr-defined]
+    code = error.code().name if error.code() else "UNKNOWN"
     field, retry_after = None, None
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     for detail in status.details if status else ():
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
@@ -67,7 +67,7 @@ def _api_error(error: grpc.RpcError) -> ApiError:
             info = error_details_pb2.RetryInfo()
             detail.Unpack(info)
             retry_after = info.retry_delay.ToMilliseconds() / 1000
-    return ApiError(code, error.details() or "", field, retry_after)  # type: ignore[attr-defined]
+    return ApiError(code, error.details() or "", field, retry_after)
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class RetryPolicy:
     max_backoff_s: float = 2.0
 
     def delay(self, attempt: int, error: ApiError) -> float:
-        base = min(self.max_backoff_s, self.initial_backoff_s * 2**attempt)
+        base = min(self.max_backoff_s, self.initial_backoff_s * float(2**attempt))
         return max(error.retry_after_s or 0.0, base * random.uniform(0.5, 1.0))
 
 

@@ -92,7 +92,7 @@ def describe(error: BaseException) -> ErrorKind:
     """The kind of an error; an unknown exception is INTERNAL (a bug, never a 4xx)."""
     if isinstance(error, ServingError):
         for cls in type(error).__mro__:
-            kind = ERROR_TABLE.get(cls)  # type: ignore[call-overload]
+            kind = ERROR_TABLE.get(cls)
             if kind is not None:
                 return kind
     return INTERNAL

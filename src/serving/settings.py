@@ -128,5 +128,5 @@ def _overlay(obj: Any, env: Mapping[str, str], prefix: str) -> Any:
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
     """Settings from ``SERVING_*`` variables (``SERVING_LIMITS_MAX_TEXTS_PER_CALL`` for nested ones)."""
-    base = _overlay(Settings(), os.environ if env is None else env, "SERVING_")
+    base: Settings = _overlay(Settings(), os.environ if env is None else env, "SERVING_")
     return replace(base, **overrides).validate()

@@ -113,6 +113,7 @@ class GrpcFrontDoor:
             try:
                 if isinstance(request, _Malformed):
                     raise request.error
+                assert isinstance(request, inference_pb2.GenerateRequest)
                 stream = await self._core.generate_stream(_context(context), convert.generate_request(request))
                 async for event in stream:
                     yield convert.stream_event(event)
@@ -158,7 +159,7 @@ class GrpcFrontDoor:
 
 
 def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
+    return bytes(message.SerializeToString())
 
 
 async def build_grpc_server(core: Core, host: str, port: int, max_request_bytes: int) -> tuple[grpc.aio.Server, int]:

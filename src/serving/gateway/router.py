@@ -38,7 +38,7 @@ def _translate(exc: Exception) -> Exception:
 class ModelRoute:
     spec: ModelSpec
     codec: TextCodec
-    handle: DeploymentHandle
+    handle: DeploymentHandle[Any]
     dimensions: int
     batcher: MicroBatcher[Any, Any] | None = None
 
@@ -53,7 +53,7 @@ class ModelRoute:
         return await self.batcher.submit(items)
 
     async def generate(self, item: GenerateItem) -> AsyncIterator[str | GenerateOutput]:
-        stream = self.handle.options(stream=True).generate.remote(item)
+        stream: Any = self.handle.options(stream=True).generate.remote(item)
         finished = False
         try:
             async for event in stream:

@@ -34,4 +34,4 @@ class TextCodec:
             tokenize=True,
             return_dict=True,
         )
-        return list(rendered["input_ids"])
+        return [int(token) for token in rendered["input_ids"]]  # type: ignore[index,call-overload]

@@ -46,8 +46,9 @@ class BatchedModel:
             self.runner = ZeroShotRunner(spec.max_input_tokens, spec.hypothesis)
         _setup(spec, cache_dir, self.runner)
         self.stats = BatchStats()
-        self.infer.set_max_batch_size(spec.batching.max_batch_size)
-        self.infer.set_batch_wait_timeout_s(spec.batching.max_wait_ms / 1000)
+        batched: Any = self.infer  # @serve.batch adds these setters; the registry sets the values
+        batched.set_max_batch_size(spec.batching.max_batch_size)
+        batched.set_batch_wait_timeout_s(spec.batching.max_wait_ms / 1000)
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def infer(self, calls: list[list[Any]]) -> list[list[Any]]:
@@ -101,10 +102,12 @@ def build_application(spec: ModelSpec, cache_dir: Path) -> serve.Application:
         }
     else:
         options["num_replicas"] = replicas.num_replicas
-    return serve.deployment(cls).options(**options).bind(spec, str(cache_dir))
+    deployment: Any = serve.deployment(cls)
+    application: serve.Application = deployment.options(**options).bind(spec, str(cache_dir))
+    return application
 
 
-def deploy_models(specs: list[ModelSpec], cache_dir: Path, app_prefix: str) -> dict[str, DeploymentHandle]:
+def deploy_models(specs: list[ModelSpec], cache_dir: Path, app_prefix: str) -> dict[str, DeploymentHandle[Any]]:
     """Deploys every model (one Serve application each) and waits until all are running."""
     targets = [
         serve.RunTarget(build_application(spec, cache_dir), name=f"{app_prefix}-{spec.id}", route_prefix=None)
@@ -114,7 +117,7 @@ def deploy_models(specs: list[ModelSpec], cache_dir: Path, app_prefix: str) -> d
     return {spec.id: handle for spec, handle in zip(specs, handles, strict=True)}
 
 
-def attach_models(specs: list[ModelSpec], app_prefix: str) -> dict[str, DeploymentHandle]:
+def attach_models(specs: list[ModelSpec], app_prefix: str) -> dict[str, DeploymentHandle[Any]]:
     """Handles to models another process deployed (a gateway-only process)."""
     return {spec.id: serve.get_app_handle(f"{app_prefix}-{spec.id}") for spec in specs}
 

@@ -39,7 +39,8 @@ class EmbedRunner:
         return torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
 
     def predict(self, batch: list[str]) -> list[list[float]]:
-        return self.encode(batch).cpu().tolist()  # type: ignore[no-any-return]
+        vectors: list[list[float]] = self.encode(batch).cpu().tolist()
+        return vectors
 
     def postprocess(self, output: list[float]) -> list[float]:
         return output

@@ -37,7 +37,11 @@ class GenerationEngine:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[object] = asyncio.Queue()
         seq = self._runner.preprocess(item)
-        seq.on_delta = lambda text: loop.call_soon_threadsafe(events.put_nowait, text)
+
+        def on_delta(text: str) -> None:  # runs on the decode thread
+            loop.call_soon_threadsafe(events.put_nowait, text)
+
+        seq.on_delta = on_delta
         await self._waiting.put((seq, events))
         try:
             while (event := await events.get()) is not _DONE:

@@ -67,7 +67,8 @@ class GenerateRunner:
         self.device = resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype, self.device))
-        self.model.to(self.device).eval()
+        self.model.to(self.device)  # type: ignore[arg-type]
+        self.model.train(False)
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
@@ -102,7 +103,7 @@ class GenerateRunner:
             self._finish(seq, FinishReason.STOP, len(seq.text))
             return
         seq.generated.append(token)
-        seq.text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
+        seq.text = str(self.tokenizer.decode(seq.generated, skip_special_tokens=True))
         for stop in seq.params.stop:
             at = seq.text.find(stop)
             if at >= 0:

@@ -153,7 +153,10 @@ def cmd_keys_issue(args: argparse.Namespace) -> None:
 
 
 def cmd_partners_create(args: argparse.Namespace) -> None:
-    partner = PartnerStore(_settings(args).database_path).create_partner(args.name)
+    store = PartnerStore(_settings(args).database_path)
+    partner, created = store.ensure_partner(args.name)
+    if not created:
+        sys.exit(f"a partner named {args.name!r} already exists ({partner.id})")
     print(json.dumps({"id": partner.id, "name": partner.name}))
 
 
@@ -187,8 +190,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no code path may reach a model hub
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
+    logging.basicConfig(level=load_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.func(args)
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -131,7 +132,7 @@ def build_http_app(core: Core, metrics: Metrics, config: HttpConfig, ready: Call
 
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> Response:
-        ok = ready()
+        ok = await asyncio.to_thread(ready)  # asks the Serve controller: keep it off the event loop
         return JSONResponse({"status": "ready" if ok else "loading"}, status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["ops"])

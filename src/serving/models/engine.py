@@ -58,10 +58,13 @@ class GenerationEngine:
         deadline = asyncio.get_running_loop().time() + self._max_wait_s
         while len(batch) < self._max_batch_size:
             remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0 and self._waiting.empty():
-                break
+            if remaining <= 0:  # past the deadline: take only what is already waiting
+                if self._waiting.empty():
+                    break
+                batch.append(self._waiting.get_nowait())
+                continue
             try:
-                batch.append(await asyncio.wait_for(self._waiting.get(), max(remaining, 0)))
+                batch.append(await asyncio.wait_for(self._waiting.get(), remaining))
             except TimeoutError:
                 break
         return [(seq, events) for seq, events in batch if not seq.cancelled]

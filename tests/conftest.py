@@ -14,6 +14,7 @@ from serving.gateway.app import Gateway
 from serving.models.registry import ModelSpec, load_registry
 from serving.partners.store import PartnerStore
 from serving.settings import Settings, load_settings
+from serving.storage.database import Database
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,14 +62,14 @@ def ray_models(settings: Settings, specs: list[ModelSpec]) -> Iterator[dict[str,
 
 @pytest.fixture(scope="session")
 def store(settings: Settings) -> Iterator[PartnerStore]:
-    store = PartnerStore(settings.database_path)
+    store = PartnerStore(Database(settings.partners_db_url))
     yield store
     store.close()
 
 
 @pytest.fixture(scope="session")
 def api_key(store: PartnerStore) -> str:
-    partner = store.create_partner("acme")
+    partner = store.create_partner("acme", plan="unlimited")
     return store.issue_key(partner.id)
 
 

@@ -13,13 +13,24 @@ from serving.domain import EmbedRequest
 from serving.gateway.app import build_routes
 from serving.gateway.core import CallContext, Core
 from serving.gateway.router import Router
+from serving.metering.record import UsageRecord
 from serving.models.registry import ModelSpec
 from serving.observability.metrics import Metrics
 from serving.partners.auth import Authenticator
 from serving.partners.store import PartnerStore
+from serving.quota.admission import Admission
+from serving.quota.memory import MemoryQuota
 from serving.settings import Batching, Settings
 
 N = 6
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    def record(self, record: UsageRecord) -> None:
+        self.records.append(record)
 
 
 async def test_concurrent_requests_reach_the_replica_as_one_batch(
@@ -28,7 +39,9 @@ async def test_concurrent_requests_reach_the_replica_as_one_batch(
     router = Router(
         build_routes(specs, ray_models, settings.models_cache), Batching(max_batch_size=N, max_wait_ms=600_000)
     )
-    core = Core(Authenticator(store, 5.0), router, settings.limits, Metrics())
+    sink = ListSink()
+    admission = Admission(MemoryQuota(), specs, settings.admission)
+    core = Core(Authenticator(store, 5.0), router, settings.limits, Metrics(), admission, ledger=sink)
     route = router.routes["minilm-l6"]
     before = await route.batch_stats()
 
@@ -41,3 +54,4 @@ async def test_concurrent_requests_reach_the_replica_as_one_batch(
     grown = {size: after["sizes"].get(size, 0) - before["sizes"].get(size, 0) for size in after["sizes"]}
     assert grown == {N: 1}, f"replica batches before={before['sizes']} after={after['sizes']}"
     assert after["items"] - before["items"] == N
+    assert [r.status for r in sink.records] == ["ok"] * N

@@ -13,6 +13,7 @@ from serving.partners.auth import Authenticator
 from serving.partners.keys import parse_key
 from serving.partners.store import PartnerStore
 from serving.settings import SettingsError, load_settings
+from serving.storage.database import Database
 
 
 def test_settings_parse_booleans_and_nested_values() -> None:
@@ -32,7 +33,7 @@ def test_error_table_codes() -> None:
 
 
 def test_keys_are_hashed_and_checked(tmp_path: Path) -> None:
-    store = PartnerStore(tmp_path / "db.sqlite")
+    store = PartnerStore(Database(str(tmp_path / "db.sqlite")))
     partner = store.create_partner("p")
     key = store.issue_key(partner.id)
     parsed = parse_key(key)

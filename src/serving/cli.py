@@ -15,6 +15,7 @@ from typing import Any
 from serving.models.registry import load_registry
 from serving.partners.store import PartnerNotFound, PartnerStore
 from serving.settings import Settings, load_settings
+from serving.storage.database import Database
 
 log = logging.getLogger("serving")
 
@@ -38,7 +39,7 @@ def _demo_key(settings: Settings, store: PartnerStore) -> str:
 
         parsed = parse_key(key)
         stored = store.key(parsed.key_id) if parsed else None
-        if stored is not None and stored.active:
+        if stored is not None and not stored.revoked:
             return key
     key = store.issue_key(partner.id)
     path.write_text(key + "\n")
@@ -102,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = PartnerStore(settings.database_path)
+    store = PartnerStore(Database(settings.partners_db_url))
     key = _demo_key(settings, store)
     specs = load_registry(settings.model_registry)
     print(f"starting Ray and deploying {len(specs)} models (the first start converts the GGUF model once)...")
@@ -130,7 +131,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     from serving.models.deployment import attach_models
 
     settings = _settings(args)
-    store = PartnerStore(settings.database_path)
+    store = PartnerStore(Database(settings.partners_db_url))
     ray.init(address=settings.ray_address or "auto", logging_level=logging.WARNING, namespace="serve")
     try:
         handles = attach_models(load_registry(settings.model_registry), settings.serve_app_name)
@@ -142,7 +143,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
 def cmd_keys_issue(args: argparse.Namespace) -> None:
     settings = _settings(args)
-    store = PartnerStore(settings.database_path)
+    store = PartnerStore(Database(settings.partners_db_url))
     try:
         partner = store.partner_by_name(args.partner)
     except PartnerNotFound:
@@ -153,7 +154,7 @@ def cmd_keys_issue(args: argparse.Namespace) -> None:
 
 
 def cmd_partners_create(args: argparse.Namespace) -> None:
-    store = PartnerStore(_settings(args).database_path)
+    store = PartnerStore(Database(_settings(args).partners_db_url))
     partner, created = store.ensure_partner(args.name)
     if not created:
         sys.exit(f"a partner named {args.name!r} already exists ({partner.id})")

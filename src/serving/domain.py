@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from serving.plans import Plan
+
 
 class Task(enum.StrEnum):
     EMBED = "embed"
@@ -30,6 +32,7 @@ class Caller:
 
     partner_id: str
     key_id: str
+    plan: Plan
 
 
 @dataclass(frozen=True)

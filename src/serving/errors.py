@@ -39,6 +39,10 @@ class ModelNotFound(ServingError):
     pass
 
 
+class AlreadyExists(ServingError):
+    pass
+
+
 class RouteNotFound(ServingError):
     pass
 
@@ -79,6 +83,7 @@ ERROR_TABLE: dict[type[ServingError], ErrorKind] = {
     Unauthenticated: ErrorKind("UNAUTHENTICATED", 401, "authentication_error", "invalid_api_key"),
     PermissionDenied: ErrorKind("PERMISSION_DENIED", 403, "permission_error", "permission_denied"),
     ModelNotFound: ErrorKind("NOT_FOUND", 404, "invalid_request_error", "model_not_found"),
+    AlreadyExists: ErrorKind("ALREADY_EXISTS", 409, "invalid_request_error", "request_id_reused"),
     RouteNotFound: ErrorKind("UNIMPLEMENTED", 404, "invalid_request_error", "not_found"),
     QuotaExceeded: ErrorKind("RESOURCE_EXHAUSTED", 429, "rate_limit_error", "quota_exceeded"),
     Overloaded: ErrorKind("UNAVAILABLE", 503, "overloaded_error", "overloaded"),

@@ -51,6 +51,14 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class Admission:
+    """Fair queuing in front of each model (per gateway replica)."""
+
+    max_queue_per_partner: int = 64
+    max_wait_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("var")
     model_registry: Path | None = None
@@ -65,14 +73,36 @@ class Settings:
     ray_num_cpus: int | None = None
     serve_app_name: str = "models"
     demo_partner: str = "demo"
-    auth_cache_ttl_s: float = 5.0
+    auth_cache_ttl_s: float = 2.0
+    # None: SQLite files under data_dir; "postgresql://..." at scale.
+    database_url: str | None = None
+    ledger_database_url: str | None = None
+    # None: quota kept in-process (one gateway replica); "redis://..." when several replicas run.
+    redis_url: str | None = None
+    quota_failure_policy: str = "closed"  # when Redis is unreachable: "closed" rejects (503), "open" admits
+    admin_token: str | None = None
+    gateway_id: str = "gateway-0"  # names this replica's usage journal; unique per replica sharing a data dir
+    ledger_flush_interval_s: float = 0.05
     log_level: str = "INFO"
     limits: Limits = field(default_factory=Limits)
     batching: Batching = field(default_factory=Batching)
+    admission: Admission = field(default_factory=Admission)
 
     @property
-    def database_path(self) -> Path:
-        return self.data_dir / "serving.db"
+    def partners_db_url(self) -> str:
+        return self.database_url or str(self.data_dir / "serving.db")
+
+    @property
+    def ledger_db_url(self) -> str:
+        return self.ledger_database_url or self.database_url or str(self.data_dir / "ledger.db")
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.data_dir / "journal" / self.gateway_id
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin-token"
 
     @property
     def models_cache(self) -> Path:
@@ -91,6 +121,10 @@ class Settings:
             raise SettingsError("http_timeout_s must be > 0 and shutdown_grace_s >= 0")
         if self.batching.max_batch_size < 1 or self.batching.max_wait_ms < 0:
             raise SettingsError("batching needs max_batch_size >= 1 and max_wait_ms >= 0")
+        if self.quota_failure_policy not in ("closed", "open"):
+            raise SettingsError(f"quota_failure_policy must be 'closed' or 'open'; got {self.quota_failure_policy!r}")
+        if not self.gateway_id or "/" in self.gateway_id:
+            raise SettingsError("gateway_id must be a non-empty name without '/'")
         limits = self.limits
         if not 1 <= limits.default_output_tokens <= limits.max_output_tokens:
             raise SettingsError("limits need 1 <= default_output_tokens <= max_output_tokens")
@@ -117,7 +151,7 @@ def _overlay(obj: Any, env: Mapping[str, str], prefix: str) -> Any:
     changes: dict[str, Any] = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
-        if f.name in ("limits", "batching"):
+        if f.name in ("limits", "batching", "admission"):
             changes[f.name] = _overlay(value, env, f"{prefix}{f.name.upper()}_")
             continue
         key = f"{prefix}{f.name.upper()}"

@@ -20,6 +20,7 @@ from serving.gateway.grpc import build_grpc_server
 from serving.gateway.http import build_http_app
 from serving.gateway.http_common import HttpConfig
 from serving.gateway.router import ModelRoute, Router
+from serving.metering.ledger import Ledger
 from serving.models.codec import TextCodec
 from serving.models.deployment import models_ready
 from serving.models.registry import ModelSpec
@@ -27,7 +28,12 @@ from serving.models.sources import resolve_model_dir
 from serving.observability.metrics import Metrics
 from serving.partners.auth import Authenticator
 from serving.partners.store import PartnerStore
+from serving.quota.admission import Admission
+from serving.quota.limiter import QuotaBackend
+from serving.quota.memory import MemoryQuota
+from serving.quota.redis_quota import RedisQuota
 from serving.settings import Settings
+from serving.storage.database import Database
 
 log = logging.getLogger("serving.gateway")
 
@@ -64,14 +70,37 @@ class _Readiness:
         return self.ready
 
 
+def build_quota(settings: Settings, metrics: Metrics) -> QuotaBackend:
+    """In-process for one replica; Redis when replicas share quota."""
+    if settings.redis_url is None:
+        return MemoryQuota()
+    return RedisQuota(
+        settings.redis_url,
+        fail_open=settings.quota_failure_policy == "open",
+        on_fail_open=metrics.quota_fail_open.inc,
+    )
+
+
 class Gateway:
     def __init__(
         self, settings: Settings, specs: list[ModelSpec], handles: dict[str, object], store: PartnerStore
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.store = store
         self.router = Router(build_routes(specs, handles, settings.models_cache), settings.batching)
-        self.core = Core(Authenticator(store, settings.auth_cache_ttl_s), self.router, settings.limits, self.metrics)
+        self.quota = build_quota(settings, self.metrics)
+        self.ledger = Ledger(
+            Database(settings.ledger_db_url), settings.journal_dir, flush_interval_s=settings.ledger_flush_interval_s
+        )
+        self.core = Core(
+            Authenticator(store, settings.auth_cache_ttl_s),
+            self.router,
+            settings.limits,
+            self.metrics,
+            Admission(self.quota, specs, settings.admission),
+            self.ledger,
+        )
         self.readiness = _Readiness([f"{settings.serve_app_name}-{spec.id}" for spec in specs])
         self.grpc_port = 0
         self.http_port = 0
@@ -114,3 +143,7 @@ class Gateway:
             self._http_server.should_exit = True
             tasks.append(self._http_task)
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Every request has finished: flush the ledger before the process may exit.
+        await asyncio.to_thread(self.ledger.close)
+        self.ledger.db.close()
+        await self.quota.close()

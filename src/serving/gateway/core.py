@@ -1,7 +1,8 @@
-"""The one request path: authenticate → validate → (admit) → route → settle → record → respond.
+"""The one request path: authenticate → validate → admit (quota, fair queue) → route → settle → record
+→ respond. Both front doors call this and nothing else.
 
-Both front doors call this and nothing else; every request ends in exactly one metrics observation,
-made in a ``finally`` from the request's final status.
+Every admitted request ends in exactly one usage record, written (journaled) before its response leaves,
+and every request ends in exactly one metrics observation.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from serving.domain import (
     Caller,
@@ -27,16 +28,31 @@ from serving.domain import (
     TextDelta,
     Usage,
 )
-from serving.errors import DeadlineExceeded, ServingError, describe
+from serving.errors import AlreadyExists, DeadlineExceeded, PermissionDenied, QuotaExceeded, ServingError, describe
 from serving.gateway import validation
 from serving.gateway.router import ModelRoute, Router
+from serving.metering.record import UsageRecord
 from serving.models.generate import GenerateItem, GenerateOutput
 from serving.observability.metrics import Metrics
 from serving.partners.auth import Authenticator
+from serving.quota.admission import Admission
+from serving.quota.limiter import RateLimits, Reservation
 from serving.settings import Limits
 
 log = logging.getLogger("serving.gateway")
 T = TypeVar("T")
+
+
+class UsageSink(Protocol):
+    def record(self, record: UsageRecord) -> None: ...
+
+
+@dataclass
+class ResponseMeta:
+    """What the core tells a front door to send besides the body (headers / metadata), errors included."""
+
+    request_id: str = ""
+    rate_limits: RateLimits | None = None
 
 
 @dataclass(frozen=True)
@@ -45,61 +61,83 @@ class CallContext:
 
     api_key: str | None
     timeout_s: float | None = None
+    peer: str | None = None
+    meta: ResponseMeta = field(default_factory=ResponseMeta)
 
 
 @dataclass
 class _Call:
-    """One request's bookkeeping; observed once when it ends."""
+    """One request's bookkeeping; finished exactly once."""
 
     operation: str
     model: str
-    started: float = field(default_factory=time.perf_counter)
+    started: float = field(default_factory=time.time)
     caller: Caller | None = None
+    request_id: str = ""
+    reservation: Reservation | None = None
+    queued: bool = False
+    entered: bool = False
+    queue_s: float = 0.0
     usage: Usage = field(default_factory=Usage)
     status: str = "ok"
+    quota_reason: str = ""
+    finished: bool = False
+
+    def fail(self, exc: BaseException) -> None:
+        self.status = _status(exc)
+        if isinstance(exc, QuotaExceeded):
+            self.quota_reason = exc.param or "quota"
 
 
 class Core:
-    def __init__(self, authenticator: Authenticator, router: Router, limits: Limits, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        router: Router,
+        limits: Limits,
+        metrics: Metrics,
+        admission: Admission,
+        ledger: UsageSink,
+    ) -> None:
         self._auth = authenticator
         self._router = router
         self._limits = limits
         self._metrics = metrics
+        self._admission = admission
+        self._ledger = ledger
 
     # --- the operations -------------------------------------------------------------------------------
 
     async def embed(self, ctx: CallContext, req: EmbedRequest) -> EmbedResult:
         call = self._begin("embed", req.model)
         try:
-            call.caller = self._auth.authenticate(ctx.api_key)
-            request_id = validation.request_id(req.request_id)
-            route = self._router.route(req.model, Task.EMBED)
+            route = await self._prepare(call, ctx, req.request_id, Task.EMBED)
             tokens = validation.texts(req.texts, self._limits, route.codec, route.spec)
+            await self._admit(call, ctx, tokens)
             vectors = await self._bounded(route.infer(list(req.texts)), ctx)
             call.usage = Usage(input_tokens=tokens)
-            return EmbedResult(model=req.model, embeddings=vectors, usage=call.usage, request_id=request_id)
+            return EmbedResult(req.model, vectors, call.usage, call.request_id)
         except BaseException as exc:
-            call.status = _status(exc)
+            call.fail(exc)
             raise
         finally:
-            self._observe(call)
+            await self._finish(call)
 
     async def classify(self, ctx: CallContext, req: ClassifyRequest) -> ClassifyResult:
         call = self._begin("classify", req.model)
         try:
-            call.caller = self._auth.authenticate(ctx.api_key)
-            request_id = validation.request_id(req.request_id)
-            route = self._router.route(req.model, Task.CLASSIFY)
+            route = await self._prepare(call, ctx, req.request_id, Task.CLASSIFY)
             tokens = validation.texts(req.texts, self._limits, route.codec, route.spec)
             labels = validation.labels(req.labels, route.spec, self._limits)
+            await self._admit(call, ctx, tokens)
             results = await self._bounded(route.infer([(text, labels) for text in req.texts]), ctx)
             call.usage = Usage(input_tokens=tokens)
-            return ClassifyResult(model=req.model, results=results, usage=call.usage, request_id=request_id)
+            return ClassifyResult(req.model, results, call.usage, call.request_id)
         except BaseException as exc:
-            call.status = _status(exc)
+            call.fail(exc)
             raise
         finally:
-            self._observe(call)
+            await self._finish(call)
 
     async def generate(self, ctx: CallContext, req: GenerateRequest) -> GenerateResult:
         # The same path as streaming, so that temperature-0 output is identical either way.
@@ -115,52 +153,50 @@ class Core:
         return GenerateResult(final.model, "".join(text), final.finish_reason, final.usage, final.request_id)
 
     async def generate_stream(self, ctx: CallContext, req: GenerateRequest) -> AsyncIterator[StreamEvent]:
-        """Authenticates and validates now (errors raise before any event); then streams."""
+        """Authenticates, validates and admits now (errors raise before any event); then streams."""
         call = self._begin("generate", req.model)
         try:
-            call.caller = self._auth.authenticate(ctx.api_key)
-            request_id = validation.request_id(req.request_id)
-            route = self._router.route(req.model, Task.GENERATE)
+            route = await self._prepare(call, ctx, req.request_id, Task.GENERATE)
             params = validation.sampling(req, self._limits)
             prompt = validation.prompt_ids(req, route.codec, route.spec, self._limits)
+            # Reserve the most it can cost; settling refunds what it did not use.
+            await self._admit(call, ctx, len(prompt) + params.max_tokens)
         except BaseException as exc:
-            call.status = _status(exc)
-            self._observe(call)
+            call.fail(exc)
+            await self._finish(call)
             raise
-        item = GenerateItem(prompt_ids=prompt, params=params)
-        return self._stream(call, ctx, route, item, request_id)
+        return self._stream(call, ctx, route, GenerateItem(prompt_ids=prompt, params=params))
 
     async def _stream(
-        self, call: _Call, ctx: CallContext, route: ModelRoute, item: GenerateItem, request_id: str
+        self, call: _Call, ctx: CallContext, route: ModelRoute, item: GenerateItem
     ) -> AsyncIterator[StreamEvent]:
         sent: list[str] = []
-        finished = False
         deadline = None if ctx.timeout_s is None else asyncio.get_running_loop().time() + ctx.timeout_s
         try:
             async with asyncio.timeout_at(deadline):
                 async for event in route.generate(item):
                     if isinstance(event, GenerateOutput):
                         call.usage = Usage(len(item.prompt_ids), event.output_tokens)
-                        finished = True
-                        yield GenerateResult(call.model, event.text, event.finish_reason, call.usage, request_id)
+                        await self._finish(call)  # recorded before the client can see the final event
+                        yield GenerateResult(call.model, event.text, event.finish_reason, call.usage, call.request_id)
                         return
                     sent.append(event)
                     yield TextDelta(event)
         except BaseException as exc:
-            if finished:  # the final event was delivered; closing the stream afterwards changes nothing
+            if call.finished:  # the final event was delivered; closing the stream afterwards changes nothing
                 raise
-            call.status = _status(exc)
+            call.fail(exc)
             # Billed for what the client was sent.
             call.usage = Usage(len(item.prompt_ids), sum(route.codec.count(["".join(sent)])) if sent else 0)
             if isinstance(exc, TimeoutError):
                 raise DeadlineExceeded("the request exceeded its deadline") from exc
             raise
         finally:
-            self._observe(call)
+            await self._finish(call)
 
     async def list_models(self, ctx: CallContext) -> list[ModelInfo]:
-        self._auth.authenticate(ctx.api_key)
-        return self.models()
+        caller = self._auth.authenticate(ctx.api_key)
+        return [m for m in self.models() if caller.plan.allows_model(m.id)]
 
     def models(self) -> list[ModelInfo]:
         return [
@@ -174,7 +210,40 @@ class Core:
             for route in self._router.routes.values()
         ]
 
+    def authenticate(self, ctx: CallContext) -> Caller:
+        """For routes outside the inference path (usage): the same key check and IP rule."""
+        caller = self._auth.authenticate(ctx.api_key)
+        if not caller.plan.allows_ip(ctx.peer):
+            raise PermissionDenied(f"requests from {ctx.peer} are not in your plan's IP allowlist", param="peer")
+        return caller
+
     # --- shared steps ---------------------------------------------------------------------------------
+
+    def _begin(self, operation: str, model: str) -> _Call:
+        self._metrics.in_flight.labels(operation).inc()
+        return _Call(operation, model)
+
+    async def _prepare(self, call: _Call, ctx: CallContext, request_id: str, task: Task) -> ModelRoute:
+        call.caller = self.authenticate(ctx)
+        call.request_id = ctx.meta.request_id = validation.request_id(request_id)
+        route = self._router.route(call.model, task)
+        if not call.caller.plan.allows_model(call.model):
+            raise PermissionDenied(f"your plan does not include model {call.model!r}", param="model")
+        if request_id and not await self._admission.claim_request_id(call.caller, request_id):
+            raise AlreadyExists(
+                f"request_id {request_id!r} was already used; each request needs a new one", param="request_id"
+            )
+        return route
+
+    async def _admit(self, call: _Call, ctx: CallContext, tokens: int) -> None:
+        assert call.caller is not None
+        call.reservation = await self._admission.reserve(call.caller, tokens)
+        ctx.meta.rate_limits = call.reservation.limits
+        call.queued = True
+        waited = time.perf_counter()
+        await self._admission.enter(call.model, call.caller)
+        call.entered = True
+        call.queue_s = time.perf_counter() - waited
 
     async def _bounded(self, work: Awaitable[T], ctx: CallContext) -> T:
         try:
@@ -183,22 +252,49 @@ class Core:
         except TimeoutError as exc:
             raise DeadlineExceeded("the request exceeded its deadline") from exc
 
-    def _begin(self, operation: str, model: str) -> _Call:
-        self._metrics.in_flight.labels(operation).inc()
-        return _Call(operation, model)
+    async def _finish(self, call: _Call) -> None:
+        """Settle quota, free the model slot, record usage, observe metrics: once per request."""
+        if call.finished:
+            return
+        call.finished = True
+        finished_at = time.time()
+        if call.entered:
+            self._admission.leave(call.model)
+        if call.reservation is not None:
+            assert call.caller is not None
+            self._ledger.record(
+                UsageRecord(
+                    request_id=call.request_id,
+                    partner_id=call.caller.partner_id,
+                    key_id=call.caller.key_id,
+                    model=call.model,
+                    operation=call.operation,
+                    input_tokens=call.usage.input_tokens,
+                    output_tokens=call.usage.output_tokens,
+                    status=call.status,
+                    queue_ms=call.queue_s * 1000,
+                    latency_ms=(finished_at - call.started) * 1000,
+                    started_at=call.started,
+                    finished_at=finished_at,
+                )
+            )
+            await self._admission.settle(call.reservation, call.usage.input_tokens + call.usage.output_tokens)
+        self._observe(call, finished_at - call.started)
 
-    def _observe(self, call: _Call) -> None:
-        self._metrics.in_flight.labels(call.operation).dec()
-        elapsed = time.perf_counter() - call.started
-        self._metrics.requests.labels(call.model, call.operation, call.status).inc()
-        self._metrics.latency.labels(call.model, call.operation).observe(elapsed)
-        if call.caller is not None:
+    def _observe(self, call: _Call, elapsed: float) -> None:
+        metrics = self._metrics
+        metrics.in_flight.labels(call.operation).dec()
+        metrics.requests.labels(call.model, call.operation, call.status).inc()
+        metrics.latency.labels(call.model, call.operation).observe(elapsed)
+        if call.queued:
+            metrics.queue_wait.labels(call.model).observe(call.queue_s)
+        if call.caller is not None and call.reservation is not None:
             partner = call.caller.partner_id
-            self._metrics.partner_requests.labels(partner, call.model, call.operation, call.status).inc()
-            self._metrics.partner_tokens.labels(partner, call.model, "input").inc(call.usage.input_tokens)
-            self._metrics.partner_tokens.labels(partner, call.model, "output").inc(call.usage.output_tokens)
-        if call.status == "internal":
-            log.error("request failed: model=%s op=%s", call.model, call.operation)
+            metrics.partner_requests.labels(partner, call.model, call.operation, call.status).inc()
+            metrics.partner_tokens.labels(partner, call.model, "input").inc(call.usage.input_tokens)
+            metrics.partner_tokens.labels(partner, call.model, "output").inc(call.usage.output_tokens)
+        if call.quota_reason:
+            metrics.quota_rejections.labels(call.model, call.quota_reason).inc()
 
 
 def _status(exc: BaseException) -> str:

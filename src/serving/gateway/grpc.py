@@ -28,7 +28,8 @@ from serving.errors import (
     public_message,
 )
 from serving.gateway import convert
-from serving.gateway.core import CallContext, Core
+from serving.gateway.core import CallContext, Core, ResponseMeta
+from serving.gateway.headers import response_pairs, retry_after
 from serving.v1 import inference_pb2, models_pb2
 
 INFERENCE_SERVICE = "serving.v1.InferenceService"
@@ -52,7 +53,14 @@ def _parser(message: type[Message], max_bytes: int) -> Callable[[bytes], Message
     return parse
 
 
-def rich_status(exc: BaseException) -> grpc.Status:
+@dataclass(frozen=True)
+class _Status(grpc.Status):  # type: ignore[misc]
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def rich_status(exc: BaseException, meta: ResponseMeta | None = None) -> grpc.Status:
     kind = describe(exc)
     code = grpc.StatusCode[kind.grpc_code]
     message = public_message(exc)
@@ -71,7 +79,21 @@ def rich_status(exc: BaseException) -> grpc.Status:
             details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     for detail in details:
         status.details.add().Pack(detail)
-    return rpc_status.to_status(status)
+    base = rpc_status.to_status(status)
+    extra: list[tuple[str, str | bytes]] = list(response_pairs(meta)) if meta else []
+    if isinstance(exc, ServingError) and exc.retry_after_s is not None:
+        extra.append(("retry-after", retry_after(exc.retry_after_s)))
+    return _Status(base.code, base.details, tuple(base.trailing_metadata) + tuple(extra))
+
+
+def _peer_ip(peer: str) -> str | None:
+    # "ipv4:10.0.0.1:5000" / "ipv6:[::1]:5000" / "unix:..."
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rsplit(":", 1)[0]
+    if kind == "ipv6":
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return None
 
 
 def _context(context: grpc.aio.ServicerContext) -> CallContext:
@@ -80,7 +102,7 @@ def _context(context: grpc.aio.ServicerContext) -> CallContext:
         if key == "authorization" and isinstance(value, str):
             scheme, _, token = value.partition(" ")
             api_key = token.strip() if scheme.lower() == "bearer" else None
-    return CallContext(api_key=api_key, timeout_s=context.time_remaining())
+    return CallContext(api_key=api_key, timeout_s=context.time_remaining(), peer=_peer_ip(context.peer()))
 
 
 class GrpcFrontDoor:
@@ -96,13 +118,16 @@ class GrpcFrontDoor:
         to_wire: Callable[[Any], Message],
     ) -> grpc.RpcMethodHandler:
         async def handle(request: Message | _Malformed, context: grpc.aio.ServicerContext) -> Message:
+            ctx = _context(context)
             try:
                 if isinstance(request, _Malformed):
                     raise request.error
-                return to_wire(await call(_context(context), to_domain(request)))
+                reply = to_wire(await call(ctx, to_domain(request)))
             except Exception as exc:
-                await context.abort_with_status(rich_status(exc))
+                await context.abort_with_status(rich_status(exc, ctx.meta))
                 raise  # unreachable: abort raises
+            await context.send_initial_metadata(response_pairs(ctx.meta))
+            return reply
 
         return grpc.unary_unary_rpc_method_handler(
             handle, request_deserializer=_parser(message, self._max_bytes), response_serializer=_serialize
@@ -110,15 +135,17 @@ class GrpcFrontDoor:
 
     def _generate_stream(self) -> grpc.RpcMethodHandler:
         async def handle(request: Message | _Malformed, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+            ctx = _context(context)
             try:
                 if isinstance(request, _Malformed):
                     raise request.error
                 assert isinstance(request, inference_pb2.GenerateRequest)
-                stream = await self._core.generate_stream(_context(context), convert.generate_request(request))
+                stream = await self._core.generate_stream(ctx, convert.generate_request(request))
+                await context.send_initial_metadata(response_pairs(ctx.meta))
                 async for event in stream:
                     yield convert.stream_event(event)
             except Exception as exc:
-                await context.abort_with_status(rich_status(exc))
+                await context.abort_with_status(rich_status(exc, ctx.meta))
 
         return grpc.unary_stream_rpc_method_handler(
             handle,

@@ -29,6 +29,7 @@ from serving.gateway.core import Core
 from serving.gateway.http_common import (
     BodyLimit,
     HttpConfig,
+    ResponseHeaders,
     call_context,
     error_response,
     request_id_header,
@@ -103,6 +104,7 @@ def build_http_app(core: Core, metrics: Metrics, config: HttpConfig, ready: Call
         responses={code: {"model": schemas.ErrorBody} for code in (400, 401, 403, 404, 413, 429, 503, 504)},
     )
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(ResponseHeaders)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

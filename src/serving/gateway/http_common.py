@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving.errors import InvalidInput, PayloadTooLarge, ServingError, describe, public_message
 from serving.gateway import http_schemas as schemas
 from serving.gateway.core import CallContext
+from serving.gateway.headers import response_pairs, retry_after
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ def error_response(exc: BaseException) -> JSONResponse:
     param = exc.param if isinstance(exc, ServingError) else None
     headers = {}
     if isinstance(exc, ServingError) and exc.retry_after_s is not None:
-        headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
+        headers["retry-after"] = retry_after(exc.retry_after_s)
     body = schemas.error_body(public_message(exc), kind.type, kind.code, param)
     return JSONResponse(body, status_code=kind.http_status, headers=headers)
 
@@ -78,6 +79,31 @@ class BodyLimit:
             await error_response(exc)(scope, receive, send)
 
 
+class ResponseHeaders:
+    """Adds the call's request id and rate-limit headers to every response, errors and streams included.
+
+    The route stores the call's ``ResponseMeta`` in ``request.state``; the core fills it before any byte
+    of the response is sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                meta = scope.get("state", {}).get("meta")
+                if meta is not None:
+                    extra = [(k.encode(), v.encode()) for k, v in response_pairs(meta)]
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 def call_context(request: Request, config: HttpConfig) -> CallContext:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     timeout = config.timeout_s
@@ -87,7 +113,13 @@ def call_context(request: Request, config: HttpConfig) -> CallContext:
             timeout = min(timeout, max(float(raw), 0.0))
         except ValueError as exc:
             raise _invalid("x-request-timeout must be a number of seconds", "x-request-timeout") from exc
-    return CallContext(api_key=token.strip() if scheme.lower() == "bearer" else None, timeout_s=timeout)
+    ctx = CallContext(
+        api_key=token.strip() if scheme.lower() == "bearer" else None,
+        timeout_s=timeout,
+        peer=request.client.host if request.client else None,
+    )
+    request.state.meta = ctx.meta
+    return ctx
 
 
 def request_id_header(request: Request) -> str:

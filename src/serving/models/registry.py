@@ -31,6 +31,11 @@ class ModelBatching:
 
 
 @dataclass(frozen=True)
+class ModelAdmission:
+    max_concurrency: int = 64  # requests in flight to this model per gateway replica before fair queuing
+
+
+@dataclass(frozen=True)
 class Replicas:
     num_replicas: int = 1
     min_replicas: int | None = None  # set both min and max to autoscale
@@ -53,6 +58,7 @@ class ModelSpec:
     runner: str = "transformers"  # "noop" serves zero vectors without running a model (overhead benchmarks)
     batching: ModelBatching = field(default_factory=ModelBatching)
     replicas: Replicas = field(default_factory=Replicas)
+    admission: ModelAdmission = field(default_factory=ModelAdmission)
 
 
 def _build(cls: type[Any], raw: Any, where: str) -> Any:
@@ -91,6 +97,7 @@ def parse_registry(data: dict[str, Any]) -> list[ModelSpec]:
                 runner=str(raw.get("runner", "transformers")),
                 batching=_build(ModelBatching, raw.get("batching"), f"{where}.batching"),
                 replicas=_build(Replicas, raw.get("replicas"), f"{where}.replicas"),
+                admission=_build(ModelAdmission, raw.get("admission"), f"{where}.admission"),
             )
         )
     ids = [s.id for s in specs]

@@ -33,6 +33,24 @@ class Metrics:
             ["operation"],
             registry=self.registry,
         )
+        self.queue_wait = Histogram(
+            "serving_queue_wait_seconds",
+            "Time admitted requests waited in the fair queue for a model slot.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.quota_rejections = Counter(
+            "serving_quota_rejections_total",
+            "Requests rejected by a quota limit, by the limit that rejected them.",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.quota_fail_open = Counter(
+            "serving_quota_fail_open_total",
+            "Requests admitted unreserved because the quota store was unreachable (fail-open policy).",
+            registry=self.registry,
+        )
         self.partner_requests = Counter(
             "serving_partner_requests_total",
             "Requests per partner (billing input).",

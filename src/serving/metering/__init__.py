@@ -1,0 +1,1 @@
+"""The usage ledger: one durable record per admitted request."""

@@ -1,0 +1,26 @@
+"""Usage queries for the partner-facing usage API; always scoped to one partner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serving.storage.database import Database
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    day: str
+    model: str
+    operation: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+
+
+def usage_by_day(db: Database, partner_id: str, start_day: str, end_day: str) -> list[UsageRow]:
+    rows = db.query(
+        "SELECT day, model, operation, COUNT(*), SUM(input_tokens), SUM(output_tokens) FROM usage_records"
+        " WHERE partner_id = ? AND day >= ? AND day <= ? GROUP BY day, model, operation ORDER BY day, model, operation",
+        (partner_id, start_day, end_day),
+    )
+    return [UsageRow(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5])) for r in rows]

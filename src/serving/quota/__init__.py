@@ -1,0 +1,1 @@
+"""Quota (requests, tokens, concurrency, monthly budget) and fair admission."""

@@ -1,0 +1,1 @@
+"""The one data-access layer: SQLite by default, PostgreSQL at scale, with schema migrations."""

@@ -1,0 +1,83 @@
+"""Schema migrations, applied in order at startup; each runs once per database, in a transaction.
+
+Add a migration by appending to ``MIGRATIONS``; never edit one that has shipped. The SQL is portable
+between SQLite and PostgreSQL (TEXT / BIGINT / DOUBLE PRECISION, ``ON CONFLICT``).
+"""
+
+from __future__ import annotations
+
+from serving.storage.database import Database
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "partners, plans and api keys",
+        [
+            """CREATE TABLE IF NOT EXISTS plans (
+                name TEXT PRIMARY KEY,
+                requests_per_minute BIGINT NOT NULL,
+                tokens_per_minute BIGINT NOT NULL,
+                max_concurrent BIGINT NOT NULL,
+                monthly_tokens BIGINT NOT NULL,
+                allowed_models TEXT NOT NULL,
+                weight DOUBLE PRECISION NOT NULL,
+                ip_allowlist TEXT NOT NULL
+            )""",
+            """CREATE TABLE IF NOT EXISTS partners (
+                id TEXT PRIMARY KEY,
+                name TEXT NOT NULL UNIQUE,
+                plan TEXT NOT NULL REFERENCES plans(name),
+                created_at DOUBLE PRECISION NOT NULL,
+                disabled INTEGER NOT NULL DEFAULT 0
+            )""",
+            """CREATE TABLE IF NOT EXISTS api_keys (
+                key_id TEXT PRIMARY KEY,
+                partner_id TEXT NOT NULL REFERENCES partners(id),
+                digest TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                revoked_at DOUBLE PRECISION
+            )""",
+            "CREATE INDEX IF NOT EXISTS api_keys_partner ON api_keys(partner_id)",
+        ],
+    ),
+    (
+        2,
+        "usage ledger",
+        [
+            """CREATE TABLE IF NOT EXISTS usage_records (
+                partner_id TEXT NOT NULL,
+                request_id TEXT NOT NULL,
+                key_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                operation TEXT NOT NULL,
+                input_tokens BIGINT NOT NULL,
+                output_tokens BIGINT NOT NULL,
+                status TEXT NOT NULL,
+                queue_ms DOUBLE PRECISION NOT NULL,
+                latency_ms DOUBLE PRECISION NOT NULL,
+                started_at DOUBLE PRECISION NOT NULL,
+                finished_at DOUBLE PRECISION NOT NULL,
+                day TEXT NOT NULL,
+                PRIMARY KEY (partner_id, request_id)
+            )""",
+            "CREATE INDEX IF NOT EXISTS usage_partner_day ON usage_records(partner_id, day)",
+        ],
+    ),
+]
+
+
+def migrate(db: Database) -> int:
+    """Applies every pending migration; returns the schema version."""
+    db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL)")
+    applied = {row[0] for row in db.query("SELECT version FROM schema_migrations")}
+    for version, name, statements in MIGRATIONS:
+        if version in applied:
+            continue
+        with db.transaction():
+            for statement in statements:
+                db.execute(statement)
+            db.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES (?, ?) ON CONFLICT (version) DO NOTHING",
+                (version, name),
+            )
+    return max(v for v, _, _ in MIGRATIONS)

@@ -41,7 +41,9 @@ async def test_concurrent_requests_reach_the_replica_as_one_batch(
     )
     sink = ListSink()
     admission = Admission(MemoryQuota(), specs, settings.admission)
-    core = Core(Authenticator(store, 5.0), router, settings.limits, Metrics(), admission, ledger=sink)
+    core = Core(
+        Authenticator(store, 5.0), router, settings.limits, Metrics(), admission, ledger=sink, usage=lambda *_: []
+    )
     route = router.routes["minilm-l6"]
     before = await route.batch_stats()
 

@@ -7,13 +7,15 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
-import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from serving.cli_admin import add_admin_commands
 from serving.models.registry import load_registry
-from serving.partners.store import PartnerNotFound, PartnerStore
+from serving.partners.store import PartnerStore
 from serving.settings import Settings, load_settings
 from serving.storage.database import Database
 
@@ -47,6 +49,17 @@ def _demo_key(settings: Settings, store: PartnerStore) -> str:
     return key
 
 
+def _admin_token(settings: Settings) -> Settings:
+    """The configured admin token, or one generated on first start and kept in the data directory."""
+    if settings.admin_token:
+        return settings
+    path = settings.admin_token_path
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(32) + "\n")
+        path.chmod(0o600)
+    return replace(settings, admin_token=path.read_text().strip())
+
+
 def _banner(settings: Settings, grpc_port: int, http_port: int, key: str) -> str:
     http = f"http://{settings.http_host}:{http_port}"
     grpc_addr = f"{settings.grpc_host}:{grpc_port}"
@@ -57,6 +70,7 @@ Partner model API is up.
   gRPC  {grpc_addr}   (serving.v1.InferenceService, ModelService; health + reflection on)
   HTTP  {http}   (OpenAPI: {http}/docs · metrics: {http}/metrics)
   demo API key: {key}   (also in {settings.demo_key_path})
+  admin token in {settings.admin_token_path} (admin API: {http}/admin/v1/partners)
 
 Try it:
   curl -s {http}/v1/embeddings -H "Authorization: Bearer $(cat {settings.demo_key_path})" \\
@@ -103,6 +117,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings = _admin_token(settings)
     store = PartnerStore(Database(settings.partners_db_url))
     key = _demo_key(settings, store)
     specs = load_registry(settings.model_registry)
@@ -141,26 +156,6 @@ def cmd_gateway(args: argparse.Namespace) -> None:
         store.close()
 
 
-def cmd_keys_issue(args: argparse.Namespace) -> None:
-    settings = _settings(args)
-    store = PartnerStore(Database(settings.partners_db_url))
-    try:
-        partner = store.partner_by_name(args.partner)
-    except PartnerNotFound:
-        if not args.create:
-            sys.exit(f"no partner named {args.partner!r}; add --create to create it")
-        partner = store.create_partner(args.partner)
-    print(store.issue_key(partner.id))
-
-
-def cmd_partners_create(args: argparse.Namespace) -> None:
-    store = PartnerStore(Database(_settings(args).partners_db_url))
-    partner, created = store.ensure_partner(args.name)
-    if not created:
-        sys.exit(f"a partner named {args.name!r} already exists ({partner.id})")
-    print(json.dumps({"id": partner.id, "name": partner.name}))
-
-
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="serving", description=__doc__)
     root.add_argument("--data-dir", dest="data_dir", help="data directory (default var/, SERVING_DATA_DIR)")
@@ -176,16 +171,7 @@ def parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     gateway.set_defaults(func=cmd_gateway)
 
-    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
-    issue = keys.add_parser("issue", help="print a new API key for a partner")
-    issue.add_argument("--partner", required=True)
-    issue.add_argument("--create", action="store_true", help="create the partner when missing")
-    issue.set_defaults(func=cmd_keys_issue)
-
-    partners = commands.add_parser("partners", help="partners").add_subparsers(dest="partners_command", required=True)
-    create = partners.add_parser("create", help="create a partner")
-    create.add_argument("name")
-    create.set_defaults(func=cmd_partners_create)
+    add_admin_commands(commands, _settings)
     return root
 
 

@@ -34,6 +34,7 @@ from serving.domain import (
     TextDelta,
 )
 from serving.gateway import convert
+from serving.metering.usage import UsageReport
 
 T = TypeVar("T")
 DEFAULT_EMBED_MODEL = "minilm-l6"
@@ -41,6 +42,7 @@ DEFAULT_CLASSIFY_MODEL = "zero-shot"
 DEFAULT_GENERATE_MODEL = "smollm2-135m-instruct"
 _INFERENCE = "/serving.v1.InferenceService/"
 _MODELS = "/serving.v1.ModelService/"
+_USAGE = "/serving.v1.UsageService/"
 
 
 class ApiError(Exception):
@@ -176,6 +178,10 @@ class AsyncClient:
             finally:
                 call.cancel()
 
+    async def get_usage(self, start_day: str = "", end_day: str = "") -> UsageReport:
+        msg = _usage_pb().GetUsageRequest(start_day=start_day, end_day=end_day)
+        return await self._unary(_USAGE + "GetUsage", msg, convert.usage_report, _usage_pb().GetUsageResponse)
+
     async def list_models(self) -> list[ModelInfo]:
         return await self._unary(
             _MODELS + "ListModels", convert.list_models_request(), convert.models_back, _models_pb().ListModelsResponse
@@ -269,6 +275,10 @@ class Client:
         finally:
             call.cancel()
 
+    def get_usage(self, start_day: str = "", end_day: str = "") -> UsageReport:
+        msg = _usage_pb().GetUsageRequest(start_day=start_day, end_day=end_day)
+        return self._unary(_USAGE + "GetUsage", msg, convert.usage_report, _usage_pb().GetUsageResponse)
+
     def list_models(self) -> list[ModelInfo]:
         return self._unary(
             _MODELS + "ListModels", convert.list_models_request(), convert.models_back, _models_pb().ListModelsResponse
@@ -279,6 +289,12 @@ def _pb() -> Any:
     from serving.v1 import inference_pb2
 
     return inference_pb2
+
+
+def _usage_pb() -> Any:
+    from serving.v1 import usage_pb2
+
+    return usage_pb2
 
 
 def _models_pb() -> Any:

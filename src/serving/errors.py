@@ -35,7 +35,11 @@ class PermissionDenied(ServingError):
     pass
 
 
-class ModelNotFound(ServingError):
+class NotFound(ServingError):
+    pass
+
+
+class ModelNotFound(NotFound):
     pass
 
 
@@ -82,6 +86,7 @@ ERROR_TABLE: dict[type[ServingError], ErrorKind] = {
     PayloadTooLarge: ErrorKind("INVALID_ARGUMENT", 413, "invalid_request_error", "payload_too_large"),
     Unauthenticated: ErrorKind("UNAUTHENTICATED", 401, "authentication_error", "invalid_api_key"),
     PermissionDenied: ErrorKind("PERMISSION_DENIED", 403, "permission_error", "permission_denied"),
+    NotFound: ErrorKind("NOT_FOUND", 404, "invalid_request_error", "not_found"),
     ModelNotFound: ErrorKind("NOT_FOUND", 404, "invalid_request_error", "model_not_found"),
     AlreadyExists: ErrorKind("ALREADY_EXISTS", 409, "invalid_request_error", "request_id_reused"),
     RouteNotFound: ErrorKind("UNIMPLEMENTED", 404, "invalid_request_error", "not_found"),

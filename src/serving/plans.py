@@ -50,6 +50,18 @@ class Plan:
             return False
         return any(ip in network for network in self._networks)
 
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "requests_per_minute": self.requests_per_minute,
+            "tokens_per_minute": self.tokens_per_minute,
+            "max_concurrent": self.max_concurrent,
+            "monthly_tokens": self.monthly_tokens,
+            "allowed_models": list(self.allowed_models),
+            "weight": self.weight,
+            "ip_allowlist": list(self.ip_allowlist),
+        }
+
     def row(self) -> tuple[Any, ...]:
         return (
             self.name,

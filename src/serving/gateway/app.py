@@ -6,6 +6,7 @@ Shutdown is graceful: both servers stop accepting, in-flight requests get ``shut
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import time
@@ -18,9 +19,11 @@ from serving.domain import Task
 from serving.gateway.core import Core
 from serving.gateway.grpc import build_grpc_server
 from serving.gateway.http import build_http_app
+from serving.gateway.http_admin import admin_router
 from serving.gateway.http_common import HttpConfig
 from serving.gateway.router import ModelRoute, Router
 from serving.metering.ledger import Ledger
+from serving.metering.usage import usage_by_day
 from serving.models.codec import TextCodec
 from serving.models.deployment import models_ready
 from serving.models.registry import ModelSpec
@@ -100,6 +103,7 @@ class Gateway:
             self.metrics,
             Admission(self.quota, specs, settings.admission),
             self.ledger,
+            functools.partial(usage_by_day, self.ledger.db),
         )
         self.readiness = _Readiness([f"{settings.serve_app_name}-{spec.id}" for spec in specs])
         self.grpc_port = 0
@@ -116,7 +120,11 @@ class Gateway:
         await grpc_server.start()
         self._grpc_server = grpc_server
         app = build_http_app(
-            self.core, self.metrics, HttpConfig(s.limits.max_request_bytes, s.http_timeout_s), self.readiness
+            self.core,
+            self.metrics,
+            HttpConfig(s.limits.max_request_bytes, s.http_timeout_s),
+            self.readiness,
+            admin_router(self.store, self.ledger.db, s.admin_token),
         )
         # Bind the socket ourselves so the port (possibly 0) is known before serving starts.
         sock = socket.create_server((s.http_host, s.http_port), reuse_port=False)

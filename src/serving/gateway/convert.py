@@ -19,7 +19,8 @@ from serving.domain import (
     TextDelta,
     Usage,
 )
-from serving.v1 import common_pb2, inference_pb2, models_pb2
+from serving.metering.usage import UsageReport, UsageRow
+from serving.v1 import common_pb2, inference_pb2, models_pb2, usage_pb2
 
 _FINISH = {
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
@@ -199,3 +200,34 @@ def models_back(msg: models_pb2.ListModelsResponse) -> list[ModelInfo]:
 
 def list_models_request() -> models_pb2.ListModelsRequest:
     return models_pb2.ListModelsRequest()
+
+
+# --- usage ---------------------------------------------------------------------------------------------
+
+
+def usage_request(msg: usage_pb2.GetUsageRequest) -> tuple[str, str]:
+    return msg.start_day, msg.end_day
+
+
+def usage_response(report: UsageReport) -> usage_pb2.GetUsageResponse:
+    return usage_pb2.GetUsageResponse(
+        partner_id=report.partner_id,
+        start_day=report.start_day,
+        end_day=report.end_day,
+        rows=[
+            usage_pb2.UsageRow(
+                day=r.day,
+                model=r.model,
+                operation=r.operation,
+                requests=r.requests,
+                input_tokens=r.input_tokens,
+                output_tokens=r.output_tokens,
+            )
+            for r in report.rows
+        ],
+    )
+
+
+def usage_report(msg: usage_pb2.GetUsageResponse) -> UsageReport:
+    rows = [UsageRow(r.day, r.model, r.operation, r.requests, r.input_tokens, r.output_tokens) for r in msg.rows]
+    return UsageReport(msg.partner_id, msg.start_day, msg.end_day, rows)

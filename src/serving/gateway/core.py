@@ -8,6 +8,7 @@ and every request ends in exactly one metrics observation.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -32,6 +33,7 @@ from serving.errors import AlreadyExists, DeadlineExceeded, PermissionDenied, Qu
 from serving.gateway import validation
 from serving.gateway.router import ModelRoute, Router
 from serving.metering.record import UsageRecord
+from serving.metering.usage import UsageReport, UsageRow
 from serving.models.generate import GenerateItem, GenerateOutput
 from serving.observability.metrics import Metrics
 from serving.partners.auth import Authenticator
@@ -45,6 +47,10 @@ T = TypeVar("T")
 
 class UsageSink(Protocol):
     def record(self, record: UsageRecord) -> None: ...
+
+
+class UsageSource(Protocol):
+    def __call__(self, partner_id: str, start_day: str, end_day: str) -> list[UsageRow]: ...
 
 
 @dataclass
@@ -98,6 +104,7 @@ class Core:
         metrics: Metrics,
         admission: Admission,
         ledger: UsageSink,
+        usage: UsageSource,
     ) -> None:
         self._auth = authenticator
         self._router = router
@@ -105,6 +112,7 @@ class Core:
         self._metrics = metrics
         self._admission = admission
         self._ledger = ledger
+        self._usage = usage
 
     # --- the operations -------------------------------------------------------------------------------
 
@@ -209,6 +217,13 @@ class Core:
             )
             for route in self._router.routes.values()
         ]
+
+    async def usage(self, ctx: CallContext, start_day: str, end_day: str) -> UsageReport:
+        """The caller's own usage by day, model and operation; the key alone decides whose."""
+        caller = self.authenticate(ctx)
+        start, end = validation.day_range(start_day, end_day, datetime.datetime.now(datetime.UTC).date())
+        rows = await asyncio.to_thread(self._usage, caller.partner_id, start, end)
+        return UsageReport(caller.partner_id, start, end, rows)
 
     def authenticate(self, ctx: CallContext) -> Caller:
         """For routes outside the inference path (usage): the same key check and IP rule."""

@@ -30,10 +30,11 @@ from serving.errors import (
 from serving.gateway import convert
 from serving.gateway.core import CallContext, Core, ResponseMeta
 from serving.gateway.headers import response_pairs, retry_after
-from serving.v1 import inference_pb2, models_pb2
+from serving.v1 import inference_pb2, models_pb2, usage_pb2
 
 INFERENCE_SERVICE = "serving.v1.InferenceService"
 MODEL_SERVICE = "serving.v1.ModelService"
+USAGE_SERVICE = "serving.v1.UsageService"
 
 
 @dataclass(frozen=True)
@@ -179,9 +180,18 @@ class GrpcFrontDoor:
                 convert.models_response,
             )
         }
+        usage = {
+            "GetUsage": self._unary(
+                usage_pb2.GetUsageRequest,
+                convert.usage_request,
+                lambda ctx, days: core.usage(ctx, *days),
+                convert.usage_response,
+            )
+        }
         return [
             grpc.method_handlers_generic_handler(INFERENCE_SERVICE, inference),
             grpc.method_handlers_generic_handler(MODEL_SERVICE, models),
+            grpc.method_handlers_generic_handler(USAGE_SERVICE, usage),
         ]
 
 
@@ -198,9 +208,9 @@ async def build_grpc_server(core: Core, host: str, port: int, max_request_bytes:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (INFERENCE_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (INFERENCE_SERVICE, MODEL_SERVICE, USAGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     bound = server.add_insecure_port(f"{host}:{port}")
-    for service in ("", INFERENCE_SERVICE, MODEL_SERVICE):
+    for service in ("", INFERENCE_SERVICE, MODEL_SERVICE, USAGE_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return server, bound

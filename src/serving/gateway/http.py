@@ -9,7 +9,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -96,7 +96,9 @@ async def _native_events(stream: AsyncIterator[StreamEvent]) -> AsyncIterator[st
         yield f"event: error\ndata: {bytes(error_response(exc).body).decode()}\n\n"
 
 
-def build_http_app(core: Core, metrics: Metrics, config: HttpConfig, ready: Callable[[], bool]) -> FastAPI:
+def build_http_app(
+    core: Core, metrics: Metrics, config: HttpConfig, ready: Callable[[], bool], admin: APIRouter | None = None
+) -> FastAPI:
     app = FastAPI(
         title="Partner model API",
         version="1.0.0",
@@ -186,5 +188,24 @@ def build_http_app(core: Core, metrics: Metrics, config: HttpConfig, ready: Call
     async def models(request: Request) -> schemas.ModelList:
         return model_list(await core.list_models(call_context(request, config)))
 
+    @app.get("/v1/usage", response_model=schemas.UsageReply, tags=["usage"])
+    async def usage(request: Request, start_day: str = "", end_day: str = "") -> schemas.UsageReply:
+        """Your own usage by day, model and operation. The API key decides whose; no parameter can widen it."""
+        unknown = set(request.query_params) - {"start_day", "end_day"}
+        if unknown:
+            raise InvalidInput(
+                f"unknown query parameter(s) {sorted(unknown)}; usage is always the caller's own",
+                param=sorted(unknown)[0],
+            )
+        report = await core.usage(call_context(request, config), start_day, end_day)
+        return schemas.UsageReply(
+            partner_id=report.partner_id,
+            start_day=report.start_day,
+            end_day=report.end_day,
+            rows=[schemas.UsageRowBody(**vars(row)) for row in report.rows],
+        )
+
     app.include_router(openai_router(core, config))
+    if admin is not None:
+        app.include_router(admin)
     return app

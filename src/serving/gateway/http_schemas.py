@@ -86,6 +86,22 @@ class GenerateReply(BaseModel):
     request_id: str
 
 
+class UsageRowBody(BaseModel):
+    day: str
+    model: str
+    operation: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+
+
+class UsageReply(BaseModel):
+    partner_id: str
+    start_day: str
+    end_day: str
+    rows: list[UsageRowBody]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

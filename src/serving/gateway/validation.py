@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 import uuid
 
@@ -104,3 +105,20 @@ def prompt_ids(req: GenerateRequest, codec: TextCodec, spec: ModelSpec, limits: 
         field = "messages" if req.messages else "prompt"
         raise InvalidInput(f"{field} has {len(ids)} tokens; {spec.id} accepts at most {cap}", param=field)
     return ids
+
+
+def day_range(start: str, end: str, today: datetime.date) -> tuple[str, str]:
+    """Inclusive UTC days; defaults are the first of the current month and today."""
+    try:
+        first = datetime.date.fromisoformat(start) if start else today.replace(day=1)
+    except ValueError as exc:
+        raise InvalidInput(f"start_day must be YYYY-MM-DD; got {start!r}", param="start_day") from exc
+    try:
+        last = datetime.date.fromisoformat(end) if end else today
+    except ValueError as exc:
+        raise InvalidInput(f"end_day must be YYYY-MM-DD; got {end!r}", param="end_day") from exc
+    if last < first:
+        raise InvalidInput("end_day is before start_day", param="end_day")
+    if (last - first).days > 366:
+        raise InvalidInput("ask for at most 366 days at a time", param="end_day")
+    return first.isoformat(), last.isoformat()

@@ -69,9 +69,13 @@ class Ledger:
             batch: list[tuple[int, UsageRecord]] = []
             item = self._queue.get()
             deadline = time.monotonic() + self._flush_interval_s
+            flushed: list[threading.Event] = []
             while True:
                 if item is _STOP:
                     stopping = True
+                elif isinstance(item, threading.Event):
+                    flushed.append(item)
+                    break
                 else:
                     batch.append(item)  # type: ignore[arg-type]
                 if stopping or len(batch) >= self._max_batch:
@@ -82,6 +86,8 @@ class Ledger:
                     break
             if batch:
                 self._write(batch)
+            for event in flushed:
+                event.set()
 
     def _write(self, batch: list[tuple[int, UsageRecord]]) -> None:
         while True:
@@ -94,6 +100,12 @@ class Ledger:
                 time.sleep(1.0)
         self.written += len(batch)
         self.journal.stored([segment for segment, _ in batch])
+
+    def flush(self) -> None:
+        """Blocks until every record queued so far is in the database."""
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait()
 
     def close(self) -> None:
         """Flushes every queued record, then stops the writer."""

@@ -17,6 +17,14 @@ class UsageRow:
     output_tokens: int
 
 
+@dataclass(frozen=True)
+class UsageReport:
+    partner_id: str
+    start_day: str
+    end_day: str
+    rows: list[UsageRow]
+
+
 def usage_by_day(db: Database, partner_id: str, start_day: str, end_day: str) -> list[UsageRow]:
     rows = db.query(
         "SELECT day, model, operation, COUNT(*), SUM(input_tokens), SUM(output_tokens) FROM usage_records"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,9 @@ from serving.settings import Settings, load_settings
 from serving.storage.database import Database
 
 ROOT = Path(__file__).resolve().parents[1]
+ADMIN_TOKEN = "test-admin-token-" + "x" * 16
+REDIS_URL = os.environ.get("SERVING_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("SERVING_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -31,6 +36,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         http_port=0,
         shutdown_grace_s=10.0,
         serve_app_name="test",
+        admin_token=ADMIN_TOKEN,
     )
 
 
@@ -81,6 +87,19 @@ async def gateway(
     await gw.start()
     yield gw
     await gw.stop()
+
+
+@asynccontextmanager
+async def running_gateway(
+    settings: Settings, specs: list[ModelSpec], handles: dict[str, Any], store: PartnerStore, **overrides: Any
+) -> AsyncIterator[Gateway]:
+    """Another gateway replica over the same models and partner store (port 0, its own journal)."""
+    gw = Gateway(replace(settings, **overrides), specs, handles, store)
+    await gw.start()
+    try:
+        yield gw
+    finally:
+        await gw.stop()
 
 
 @pytest.fixture

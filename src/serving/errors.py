@@ -52,7 +52,7 @@ class RouteNotFound(ServingError):
 
 
 class QuotaExceeded(ServingError):
-    pass
+    rate_limits: object | None = None  # the quota state to report in headers (a quota.limiter.RateLimits)
 
 
 class Overloaded(ServingError):

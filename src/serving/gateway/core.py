@@ -252,7 +252,11 @@ class Core:
 
     async def _admit(self, call: _Call, ctx: CallContext, tokens: int) -> None:
         assert call.caller is not None
-        call.reservation = await self._admission.reserve(call.caller, tokens)
+        try:
+            call.reservation = await self._admission.reserve(call.caller, tokens)
+        except QuotaExceeded as exc:
+            ctx.meta.rate_limits = exc.rate_limits  # type: ignore[assignment]
+            raise
         ctx.meta.rate_limits = call.reservation.limits
         call.queued = True
         waited = time.perf_counter()

@@ -64,7 +64,9 @@ def seconds_to_month_end(epoch_s: float) -> float:
     return time.mktime((year, month, 1, 0, 0, 0, 0, 0, 0)) - time.timezone - epoch_s
 
 
-def exceeded(reason: str, caller: Caller, retry_after_s: float, tokens: int) -> QuotaExceeded:
+def exceeded(
+    reason: str, caller: Caller, retry_after_s: float, tokens: int, limits: RateLimits | None = None
+) -> QuotaExceeded:
     plan = caller.plan
     messages = {
         "requests": f"requests per minute limit of plan {plan.name!r} ({plan.requests_per_minute}) reached",
@@ -76,8 +78,10 @@ def exceeded(reason: str, caller: Caller, retry_after_s: float, tokens: int) -> 
         "concurrency": f"at most {plan.max_concurrent} concurrent requests on plan {plan.name!r}",
         "monthly_tokens": f"monthly token budget of plan {plan.name!r} ({plan.monthly_tokens}) is used up",
     }
-    return QuotaExceeded(
+    error = QuotaExceeded(
         messages[reason] + "; retry after the indicated delay",
         param=reason,
         retry_after_s=max(retry_after_s, 0.001),
     )
+    error.rate_limits = limits
+    return error

@@ -59,22 +59,23 @@ class MemoryQuota:
         state.evict(now)
         month = month_of(now)
         used_month = state.months.get(month, 0)
+        limits = _limits(caller, state, now)
         if plan.requests_per_minute and len(state.requests) >= plan.requests_per_minute:
-            raise exceeded("requests", caller, state.requests[0] + WINDOW_S - now, tokens)
+            raise exceeded("requests", caller, state.requests[0] + WINDOW_S - now, tokens, limits)
         if plan.tokens_per_minute and state.token_sum + tokens > plan.tokens_per_minute:
             if tokens > plan.tokens_per_minute:
-                raise exceeded("tokens_request", caller, WINDOW_S, tokens)
+                raise exceeded("tokens_request", caller, WINDOW_S, tokens, limits)
             need, freed, wait = state.token_sum + tokens - plan.tokens_per_minute, 0, WINDOW_S
             for entry in state.tokens:
                 freed += entry.tokens
                 if freed >= need:
                     wait = entry.at + WINDOW_S - now
                     break
-            raise exceeded("tokens", caller, wait, tokens)
+            raise exceeded("tokens", caller, wait, tokens, limits)
         if plan.max_concurrent and len(state.leases) >= plan.max_concurrent:
-            raise exceeded("concurrency", caller, 0.1, tokens)
+            raise exceeded("concurrency", caller, 0.1, tokens, limits)
         if plan.monthly_tokens and used_month + tokens > plan.monthly_tokens:
-            raise exceeded("monthly_tokens", caller, seconds_to_month_end(now), tokens)
+            raise exceeded("monthly_tokens", caller, seconds_to_month_end(now), tokens, limits)
         state.requests.append(now)
         entry = _Entry(now, tokens)
         state.tokens.append(entry)

@@ -46,19 +46,19 @@ local function reset(key)
   if #o == 0 then return 0 end
   return math.max(0, tonumber(o[2]) + window - now)
 end
-if rpm > 0 and used >= rpm then return {0, 'requests', reset(KEYS[1]), used, sum} end
+if rpm > 0 and used >= rpm then return {0, 'requests', reset(KEYS[1]), used, sum, reset(KEYS[1]), reset(KEYS[2])} end
 if tpm > 0 and sum + tokens > tpm then
-  if tokens > tpm then return {0, 'tokens_request', window, used, sum} end
+  if tokens > tpm then return {0, 'tokens_request', window, used, sum, reset(KEYS[1]), reset(KEYS[2])} end
   local need, freed, wait = sum + tokens - tpm, 0, window
   local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
   for i = 1, #entries, 2 do
     freed = freed + tonumber(string.match(entries[i], ':(%-?%d+)$'))
     if freed >= need then wait = tonumber(entries[i + 1]) + window - now; break end
   end
-  return {0, 'tokens', math.max(wait, 0), used, sum}
+  return {0, 'tokens', math.max(wait, 0), used, sum, reset(KEYS[1]), reset(KEYS[2])}
 end
-if maxc > 0 and redis.call('ZCARD', KEYS[4]) >= maxc then return {0, 'concurrency', 100, used, sum} end
-if monthly > 0 and month_used + tokens > monthly then return {0, 'monthly_tokens', -1, used, sum} end
+if maxc > 0 and redis.call('ZCARD', KEYS[4]) >= maxc then return {0, 'concurrency', 100, used, sum, reset(KEYS[1]), reset(KEYS[2])} end
+if monthly > 0 and month_used + tokens > monthly then return {0, 'monthly_tokens', -1, used, sum, reset(KEYS[1]), reset(KEYS[2])} end
 redis.call('ZADD', KEYS[1], now, id)
 redis.call('ZADD', KEYS[2], now, id .. ':' .. tokens)
 sum = sum + tokens
@@ -129,19 +129,19 @@ class RedisQuota:
             self._unreachable(exc)
             return Reservation(caller.partner_id, reservation_id, tokens, month, None)
         ok, reason = int(result[0]), result[1].decode() if isinstance(result[1], bytes) else str(result[1])
-        if not ok:
-            wait_ms = float(result[2])
-            wait_s = seconds_to_month_end(now) if wait_ms < 0 else wait_ms / 1000
-            raise exceeded(reason, caller, wait_s, tokens)
-        used, token_sum = int(result[3]), int(result[4])
+        used, token_sum, reset_requests, reset_tokens = (int(v) for v in result[3:7])
         limits = RateLimits(
             limit_requests=plan.requests_per_minute,
             remaining_requests=max(plan.requests_per_minute - used, 0),
-            reset_requests_s=float(result[5]) / 1000,
+            reset_requests_s=reset_requests / 1000,
             limit_tokens=plan.tokens_per_minute,
             remaining_tokens=max(plan.tokens_per_minute - token_sum, 0),
-            reset_tokens_s=float(result[6]) / 1000,
+            reset_tokens_s=reset_tokens / 1000,
         )
+        if not ok:
+            wait_ms = float(result[2])
+            wait_s = seconds_to_month_end(now) if wait_ms < 0 else wait_ms / 1000
+            raise exceeded(reason, caller, wait_s, tokens, limits)
         return Reservation(caller.partner_id, reservation_id, tokens, month, limits)
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:

@@ -11,6 +11,8 @@ It starts Ray, deploys MiniLM and a no-op model through ``serving.models.deploym
      of the same size, called by the same client (``serving.client.AsyncClient``) at the same concurrency
   C  plain Ray Serve as its docs show: one ``@serve.batch`` deployment called once per request through a
      DeploymentHandle from the driver, (i) no-op and (ii) MiniLM, against the same baselines
+  A0/B0  A and B through a second gateway with micro-batching off (cap 1: one handle call per request),
+     so A ÷ A0 and B ÷ B0 show what the gateway's micro-batching buys
 
 Load clients and the raw model run in subprocesses of this script (``--worker``), so a measured server never
 shares its event loop with the client that loads it. Nothing is asserted: it prints ratios (and latencies).
@@ -27,7 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -260,7 +262,7 @@ class PlainBatched:
 def deploy_plain(name: str, model_dir: Path, noop: bool, num_cpus: float) -> Any:
     app = (
         serve.deployment(PlainBatched)
-        .options(
+        .options(  # type: ignore[attr-defined]
             name=name,
             ray_actor_options={"num_cpus": num_cpus},
             # Serve's default (5) would cap every batch at 5; its batching guide says to raise it.
@@ -309,7 +311,7 @@ replicas = {{ num_replicas = 1, num_cpus = 0.25, torch_threads = 1 }}
 
 
 def echo_payload() -> bytes:
-    """Exactly the bytes the gateway answers one one-text MiniLM request with."""
+    """A response the size of the gateway's answer to a one-text MiniLM request (384 floats, usage, id)."""
     from serving.domain import EmbedResult, Usage
     from serving.gateway import convert
 
@@ -379,10 +381,21 @@ def start_stack(tmp: Path) -> Stack:
     return Stack(tmp, settings, specs, handles, plain, model_dir)
 
 
+def describe_batching(stack: Stack) -> str:
+    gateway = stack.settings.batching
+    replicas = ", ".join(
+        f"{spec.id} {spec.batching.max_batch_size}/{spec.batching.max_wait_ms:g} ms" for spec in stack.specs
+    )
+    return (
+        f"batching: gateway micro-batch {gateway.max_batch_size}/{gateway.max_wait_ms:g} ms; "
+        f"stack replicas @serve.batch {replicas}; plain Serve @serve.batch {PLAIN_MAX_BATCH}/{PLAIN_WAIT_S * 1000:g} ms"
+    )
+
+
 def stop_stack() -> None:
     import ray
 
-    serve.shutdown()
+    serve.shutdown()  # type: ignore[no-untyped-call]
     ray.shutdown()
 
 
@@ -447,28 +460,48 @@ async def plain_run(key: str, label: str, handle: Any, cfg: Config) -> Measureme
     return measurement(key, label, "req/s", stats)
 
 
-async def measure_all(stack: Stack, cfg: Config) -> list[Measurement]:
-    from serving.gateway.app import Gateway
-    from serving.partners.store import PartnerStore
+def open_store(path: Path) -> Any:
+    """The partner store over a SQLite file (given as a ``Database`` handle once ``serving.storage`` exists)."""
+    from serving.partners import store
 
-    store = PartnerStore(stack.tmp / "serving.db")
-    api_key = store.issue_key(store.create_partner("bench").id)
-    gateway = Gateway(stack.settings, stack.specs, stack.handles, store)
-    await gateway.start()
-    echo, echo_port = await start_echo_server(echo_payload())
-    stack_target, echo_target = f"127.0.0.1:{gateway.grpc_port}", f"127.0.0.1:{echo_port}"
+    store_cls: Any = store.PartnerStore
+    try:
+        from serving.storage.database import Database
+    except ImportError:
+        return store_cls(path)
+    return store_cls(Database(str(path)))
+
+
+def bench_api_key(store: Any) -> str:
+    """A key for a partner whose plan has no limits: the benchmark measures overhead, not quota."""
+    try:
+        from serving.plans import Plan
+    except ImportError:  # a stack without plans: every partner is unlimited
+        return str(store.issue_key(store.create_partner("bench").id))
+    store.put_plan(Plan(name="bench-unlimited"))  # zero means unlimited for every numeric limit
+    return str(store.issue_key(store.create_partner("bench", plan="bench-unlimited").id))
+
+
+@dataclass(frozen=True)
+class Targets:
+    api_key: str
+    stack: str  # the gateway as configured (micro-batching on)
+    unbatched: str  # the same gateway code with micro-batching off (cap 1): one handle call per request
+    echo: str
+
+
+def build_plan(stack: Stack, t: Targets, cfg: Config) -> list[Callable[[], Awaitable[Measurement]]]:
+    """Every measurement, baselines interleaved with the rows they divide."""
     echo_label = "bare grpc.aio server, fixed response (same client)"
-    plan: list[Callable[[], Awaitable[Measurement]]] = [
-        lambda: grpc_run("echo#1", echo_label, "req/s", echo_target, api_key, EMBED_MODEL, cfg),
+
+    def through(key: str, label: str, unit: str, target: str, model: str) -> Awaitable[Measurement]:
+        return with_batch_stats(stack.handles[model], grpc_run(key, label, unit, target, t.api_key, model, cfg))
+
+    return [
+        lambda: grpc_run("echo#1", echo_label, "req/s", t.echo, t.api_key, EMBED_MODEL, cfg),
         lambda: raw_run("raw-1t#1", stack.model_dir, 1, cfg.raw_batch, cfg),
-        lambda: with_batch_stats(
-            stack.handles[EMBED_MODEL],
-            grpc_run("A", "A: MiniLM through the whole stack", "texts/s", stack_target, api_key, EMBED_MODEL, cfg),
-        ),
-        lambda: with_batch_stats(
-            stack.handles[NOOP_MODEL],
-            grpc_run("B", "B: no-op through the whole stack", "req/s", stack_target, api_key, NOOP_MODEL, cfg),
-        ),
+        lambda: through("A", "A: MiniLM through the whole stack", "texts/s", t.stack, EMBED_MODEL),
+        lambda: through("B", "B: no-op through the whole stack", "req/s", t.stack, NOOP_MODEL),
         lambda: raw_run("raw-2t", stack.model_dir, 2, cfg.raw_batch, cfg),
         lambda: with_batch_stats(
             stack.plain[NOOP_MODEL],
@@ -479,30 +512,67 @@ async def measure_all(stack: Stack, cfg: Config) -> list[Measurement]:
             plain_run("C-ii", "C(ii): plain Serve, MiniLM, 1 call/request", stack.plain[EMBED_MODEL], cfg),
         ),
         lambda: raw_run("raw-1t-b64", stack.model_dir, 1, 64, cfg),
-        lambda: grpc_run("echo#2", echo_label, "req/s", echo_target, api_key, EMBED_MODEL, cfg),
+        lambda: through("A0", "A0: MiniLM, stack with gateway micro-batch off", "texts/s", t.unbatched, EMBED_MODEL),
+        lambda: through("B0", "B0: no-op, stack with gateway micro-batch off", "req/s", t.unbatched, NOOP_MODEL),
+        lambda: grpc_run("echo#2", echo_label, "req/s", t.echo, t.api_key, EMBED_MODEL, cfg),
         lambda: raw_run("raw-1t#2", stack.model_dir, 1, cfg.raw_batch, cfg),
     ]
+
+
+def unbatched_settings(stack: Stack) -> Any:
+    """The same settings with gateway micro-batching off, and its own data directory (ledger, journal)."""
+    from serving.settings import Batching
+
+    return replace(stack.settings, data_dir=stack.tmp / "unbatched", batching=Batching(max_batch_size=1, max_wait_ms=0))
+
+
+async def run_plan(plan: list[Callable[[], Awaitable[Measurement]]]) -> list[Measurement]:
     results: list[Measurement] = []
-    try:
-        for step in plan:
-            result = await step()
-            print(f"  {result.key:<11} {result.rate:9.1f} {result.unit:<8} {result.label}", flush=True)
-            results.append(result)
-    finally:
-        await echo.stop(0)
-        await gateway.stop()
-        store.close()
+    for step in plan:
+        result = await step()
+        print(f"  {result.key:<11} {result.rate:9.1f} {result.unit:<8} {result.label}", flush=True)
+        results.append(result)
     return results
+
+
+async def measure_all(stack: Stack, cfg: Config) -> list[Measurement]:
+    from serving.gateway.app import Gateway
+
+    store = open_store(stack.tmp / "serving.db")
+    gateways = [
+        Gateway(stack.settings, stack.specs, stack.handles, store),
+        Gateway(unbatched_settings(stack), stack.specs, stack.handles, store),
+    ]
+    echo: grpc.aio.Server | None = None
+    try:
+        for gateway in gateways:
+            await gateway.start()
+        echo, echo_port = await start_echo_server(echo_payload())
+        targets = Targets(
+            api_key=bench_api_key(store),
+            stack=f"127.0.0.1:{gateways[0].grpc_port}",
+            unbatched=f"127.0.0.1:{gateways[1].grpc_port}",
+            echo=f"127.0.0.1:{echo_port}",
+        )
+        return await run_plan(build_plan(stack, targets, cfg))
+    finally:
+        if echo is not None:
+            await echo.stop(0)
+        await asyncio.gather(*(gateway.stop() for gateway in gateways))
+        store.close()
 
 
 # --- the report -----------------------------------------------------------------------------------------
 
 
 def mean_of(results: dict[str, Measurement], keys: list[str], key: str, label: str) -> Measurement:
+    """A baseline measured twice (interleaved); latencies are not averaged (see the single runs)."""
     runs = [results[k] for k in keys]
     rate = sum(r.rate for r in runs) / len(runs)
-    first = runs[0]
-    return Measurement(key, label, first.unit, rate, first.p50_ms, first.p99_ms, sum(r.completed for r in runs), 0.0)
+    seconds = sum(r.seconds for r in runs)
+    return Measurement(
+        key, label, runs[0].unit, rate, float("nan"), float("nan"), sum(r.completed for r in runs), seconds
+    )
 
 
 def ratios(results: dict[str, Measurement]) -> list[Ratio]:
@@ -516,8 +586,27 @@ def ratios(results: dict[str, Measurement]) -> list[Ratio]:
         ("C(ii) plain Serve MiniLM ÷ raw (2 threads)", "C-ii", "raw-2t", None),
         ("C(i) ÷ B (plain Serve vs stack, no-op)", "C-i", "B", None),
         ("C(ii) ÷ A (plain Serve vs stack, MiniLM)", "C-ii", "A", None),
+        ("A ÷ A0 (what gateway micro-batching buys, MiniLM)", "A", "A0", None),
+        ("B ÷ B0 (what gateway micro-batching buys, no-op)", "B", "B0", None),
+        ("A0 ÷ raw (1 thread)", "A0", "raw-1t", None),
+        ("B0 ÷ bare grpc.aio", "B0", "echo", None),
     ]
     return [Ratio(label, num, den, results[num].rate / results[den].rate, target) for label, num, den, target in spec]
+
+
+def noise_notes(results: dict[str, Measurement]) -> list[str]:
+    """What in this run makes its ratios less trustworthy (the machine is shared and has 2 cores)."""
+    notes = []
+    for a, b in (("echo#1", "echo#2"), ("raw-1t#1", "raw-1t#2")):
+        drift = abs(results[a].rate - results[b].rate) / max(results[a].rate, results[b].rate)
+        if drift > 0.15:
+            notes.append(f"{a} and {b} differ by {drift:.0%}: the CPU was not steady during this run")
+    if results["raw-2t"].rate < results["raw-1t"].rate:
+        notes.append(
+            "the 2-thread raw baseline ran slower than the 1-thread one: the second core was busy (other work),"
+            " so ratios against raw-2t overstate the stack"
+        )
+    return notes
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
@@ -553,11 +642,12 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "cpu_model": model, "loadavg_1m": os.getloadavg()[0]}
 
 
-def report(measured: list[Measurement], cfg: Config, before: dict[str, Any], json_path: Path | None) -> None:
+def report(measured: list[Measurement], cfg: Config, note: str, before: dict[str, Any], json_path: Path | None) -> None:
     results = {m.key: m for m in measured}
     results["echo"] = mean_of(results, ["echo#1", "echo#2"], "echo", "bare grpc.aio baseline (mean of 2 runs)")
     results["raw-1t"] = mean_of(results, ["raw-1t#1", "raw-1t#2"], "raw-1t", "raw 1-thread baseline (mean of 2 runs)")
     table = ratios(results)
+    baselines = [results["echo"], results["raw-1t"]]
     after = machine()
     print()
     print(
@@ -568,16 +658,25 @@ def report(measured: list[Measurement], cfg: Config, before: dict[str, Any], jso
         f"concurrency {cfg.concurrency}, warm-up {cfg.warmup_s:g} s + {cfg.duration_s:g} s measured per row; "
         f"raw baseline batch {cfg.raw_batch}"
     )
+    print(note)
     print()
     print(measurement_table(measured))
     print()
+    for base in baselines:
+        print(f"{base.label}: {base.rate:.1f} {base.unit}")
+    print()
     print(ratio_table(table))
+    notes = noise_notes(results)
+    for note_line in notes:
+        print(f"note: {note_line}")
     if json_path is not None:
         payload = {
             "machine": {"before": before, "after": after},
-            "config": asdict(cfg),
+            "config": {**asdict(cfg), "batching": note},
             "measurements": [asdict(m) for m in measured],
+            "baselines": [asdict(m) for m in baselines],
             "ratios": [asdict(r) for r in table],
+            "notes": notes,
         }
         json_path.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"\nwrote {json_path}")
@@ -616,11 +715,12 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         try:
             stack = start_stack(Path(tmp))
-            print(f"deployed in {time.perf_counter() - started:.0f} s; measuring", flush=True)
+            note = describe_batching(stack)
+            print(f"deployed in {time.perf_counter() - started:.0f} s; {note}", flush=True)
             measured = asyncio.run(measure_all(stack, cfg))
         finally:
             stop_stack()
-    report(measured, cfg, before, args.json)
+    report(measured, cfg, note, before, args.json)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

@@ -37,7 +37,8 @@ async def test_concurrent_requests_reach_the_replica_as_one_batch(
     settings: Settings, specs: list[ModelSpec], ray_models: dict[str, Any], store: PartnerStore, api_key: str
 ) -> None:
     router = Router(
-        build_routes(specs, ray_models, settings.models_cache), Batching(max_batch_size=N, max_wait_ms=600_000)
+        build_routes(specs, ray_models, settings.models_cache),
+        Batching(max_batch_size=N, max_wait_ms=600_000, max_inflight=0),
     )
     sink = ListSink()
     admission = Admission(MemoryQuota(), specs, settings.admission)

@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import sys
 from typing import Any
 
 import httpx
-import ray
+from gateway_process import start_gateway_process
 
 from serving.client import AsyncClient
 from serving.settings import Settings
 
 IN_FLIGHT = 6
-
-
-async def _start_gateway(settings: Settings) -> tuple[asyncio.subprocess.Process, dict[str, int]]:
-    env = {
-        **os.environ,
-        "SERVING_DATA_DIR": str(settings.data_dir),
-        "SERVING_MODEL_CACHE_DIR": str(settings.models_cache),
-        "SERVING_SERVE_APP_NAME": settings.serve_app_name,
-        "SERVING_SHUTDOWN_GRACE_S": "30",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "serving.cli", "gateway",
-        "--ray-address", ray.get_runtime_context().gcs_address, "--grpc-port", "0", "--http-port", "0",
-        env=env, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stdout is not None
-    while line := await process.stdout.readline():  # wait on the gateway's own readiness line
-        if line.startswith(b"READY "):
-            return process, json.loads(line[6:])
-    raise AssertionError(f"gateway exited before it was ready (code {await process.wait()})")
 
 
 async def _in_flight(http: httpx.AsyncClient) -> float:
@@ -48,7 +25,7 @@ async def _in_flight(http: httpx.AsyncClient) -> float:
 async def test_sigterm_finishes_in_flight_requests(
     settings: Settings, ray_models: dict[str, Any], api_key: str
 ) -> None:
-    process, ports = await _start_gateway(settings)
+    process, ports = await start_gateway_process(settings, SERVING_SHUTDOWN_GRACE_S="30")
     target = f"127.0.0.1:{ports['grpc_port']}"
     async with (
         AsyncClient(target, api_key) as client,

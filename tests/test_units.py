@@ -61,18 +61,33 @@ async def test_microbatch_flushes_on_size_and_on_deadline() -> None:
         await release.wait()
         return [i * 10 for i in items]
 
-    by_size = MicroBatcher(send, max_batch_size=3, max_wait_s=3600)
+    by_size = MicroBatcher(send, max_batch_size=3, max_wait_s=3600, max_inflight=0)
     pending = [asyncio.create_task(by_size.submit([i])) for i in range(3)]
     release.set()
     assert [await p for p in pending] == [[0], [10], [20]]
     assert calls == [[0, 1, 2]]
 
     calls.clear()
-    by_deadline = MicroBatcher(send, max_batch_size=100, max_wait_s=0.0)
+    by_deadline = MicroBatcher(send, max_batch_size=100, max_wait_s=0.0, max_inflight=0)
     assert await by_deadline.submit([1, 2]) == [10, 20]
     assert calls == [[1, 2]]
 
     calls.clear()
-    oversize = MicroBatcher(send, max_batch_size=2, max_wait_s=3600)
+    oversize = MicroBatcher(send, max_batch_size=2, max_wait_s=3600, max_inflight=0)
     assert await oversize.submit([1, 2, 3]) == [10, 20, 30]  # a request never splits
     assert calls == [[1, 2, 3]]
+
+    calls.clear()
+    release.clear()
+    adaptive = MicroBatcher(send, max_batch_size=100, max_wait_s=3600, max_inflight=1)
+    first = asyncio.create_task(adaptive.submit([1]))  # an idle pipeline: leaves at the end of the loop turn
+    await asyncio.sleep(0)  # the request joins its batch
+    await asyncio.sleep(0)  # the batch leaves
+    await asyncio.sleep(0)  # and reaches send()
+    assert calls == [[1]]
+    queued = [asyncio.create_task(adaptive.submit([i])) for i in (2, 3, 4)]  # pipeline full: they accumulate
+    await asyncio.sleep(0)  # one loop turn: each new request is now waiting on its batch
+    assert calls == [[1]]
+    release.set()  # the first batch returns: the three accumulated requests leave together
+    assert [await t for t in (first, *queued)] == [[10], [20], [30], [40]]
+    assert calls == [[1], [2, 3, 4]]

@@ -47,7 +47,8 @@ class Batching:
     """Gateway micro-batching per model: flush on size or on deadline."""
 
     max_batch_size: int = 32
-    max_wait_ms: float = 2.0
+    max_wait_ms: float = 5.0  # upper bound while the pipeline is full
+    max_inflight: int = 2  # batches out per model before requests accumulate (0: flush only on size/deadline)
 
 
 @dataclass(frozen=True)

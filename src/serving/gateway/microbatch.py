@@ -1,8 +1,10 @@
 """Groups concurrent requests for one model into one call across the Ray boundary.
 
-A batch is sent when it holds ``max_batch_size`` items or when its oldest item has waited ``max_wait_s``
-(a timer armed by the first item; never a fixed sleep). Requests carry several items; a request never
-straddles two batches, and one larger than the cap goes alone.
+Adaptive: while fewer than ``max_inflight`` batches are out, a batch leaves at the end of the current
+event-loop turn (requests that arrived together travel together, an idle model waits for nothing). When
+the pipeline is full, requests accumulate until a batch comes back, the batch reaches ``max_batch_size``
+items, or its oldest item has waited ``max_wait_s`` (a timer armed by the first item; never a fixed
+sleep). A request never straddles two batches, and one larger than the cap goes alone.
 """
 
 from __future__ import annotations
@@ -27,15 +29,21 @@ class _Batch(Generic[In, Out]):
     pending: list[_Pending[In, Out]] = field(default_factory=list)
     size: int = 0
     timer: asyncio.TimerHandle | None = None
+    scheduled: bool = False
 
 
 class MicroBatcher(Generic[In, Out]):
     def __init__(
-        self, send: Callable[[list[In]], Awaitable[list[Out]]], max_batch_size: int, max_wait_s: float
+        self,
+        send: Callable[[list[In]], Awaitable[list[Out]]],
+        max_batch_size: int,
+        max_wait_s: float,
+        max_inflight: int = 2,
     ) -> None:
         self._send = send
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
+        self._max_inflight = max_inflight
         self._open: _Batch[In, Out] = _Batch()
         self._inflight: set[asyncio.Task[None]] = set()
 
@@ -49,12 +57,16 @@ class MicroBatcher(Generic[In, Out]):
         batch.size += len(items)
         if batch.size >= self._max_batch_size:
             self._flush()
+        elif len(self._inflight) < self._max_inflight:
+            if not batch.scheduled:  # leave at the end of this loop turn, with whatever joined meanwhile
+                batch.scheduled = True
+                loop.call_soon(self._flush_if_open, batch)
         elif batch.timer is None:
             batch.timer = loop.call_later(self._max_wait_s, self._flush_if_open, batch)
         return await future
 
     def _flush_if_open(self, batch: _Batch[In, Out]) -> None:
-        if batch is self._open:
+        if batch is self._open and batch.pending:
             self._flush()
 
     def _flush(self) -> None:
@@ -63,7 +75,12 @@ class MicroBatcher(Generic[In, Out]):
             batch.timer.cancel()
         task = asyncio.get_running_loop().create_task(self._run(batch))
         self._inflight.add(task)
-        task.add_done_callback(self._inflight.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if self._open.pending and len(self._inflight) < self._max_inflight:
+            self._flush()  # the pipeline has room: what accumulated leaves now
 
     async def _run(self, batch: _Batch[In, Out]) -> None:
         live = [p for p in batch.pending if not p.future.done()]  # callers that gave up are dropped

@@ -74,7 +74,9 @@ class Router:
         self.routes = routes
         for route in routes.values():
             if route.spec.task is not Task.GENERATE:
-                route.batcher = MicroBatcher(route._call_batch, batching.max_batch_size, batching.max_wait_ms / 1000)
+                route.batcher = MicroBatcher(
+                    route._call_batch, batching.max_batch_size, batching.max_wait_ms / 1000, batching.max_inflight
+                )
 
     def route(self, model: str, task: Task) -> ModelRoute:
         if not model:

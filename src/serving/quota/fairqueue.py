@@ -1,7 +1,11 @@
 """Fair admission to one model: at most ``capacity`` requests in flight; when the model is saturated,
-requests wait in per-partner queues served by weighted fair queuing (start-time fair queuing over the
-plan weight). Each partner's queue is bounded in length and wait time; past either bound the request
-is shed with Overloaded (UNAVAILABLE/503 + retry-after). Nothing here grows without bound.
+requests wait in per-partner queues served by weighted fair queuing.
+
+Start-time fair queuing over the plan weight: a request's start tag is the later of the virtual time and
+its partner's previous finish tag; finish = start + 1/weight; the smallest start tag is served next. A
+partner using less than its share therefore goes ahead of one that keeps a backlog. Each partner's
+queue is bounded in length and wait time; past either bound the request is shed with Overloaded
+(UNAVAILABLE/503 + retry-after). Nothing here grows without bound.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from serving.errors import Overloaded
 
 @dataclass(order=True)
 class _Waiter:
-    finish: float
+    start: float  # served in order of start tags (start-time fair queuing)
     seq: int
-    start: float = field(compare=False)
+    finish: float = field(compare=False)
     partner: str = field(compare=False)
     future: asyncio.Future[None] = field(compare=False)
 
@@ -53,7 +57,7 @@ class FairQueue:
             )
         start = max(self._virtual, self._last_finish.get(partner, 0.0))
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(start + 1.0 / weight, next(self._seq), start, partner, future)
+        waiter = _Waiter(start, next(self._seq), start + 1.0 / weight, partner, future)
         self._last_finish[partner] = waiter.finish
         heapq.heappush(self._heap, waiter)
         self._queued[partner] += 1

@@ -57,8 +57,12 @@ if tpm > 0 and sum + tokens > tpm then
   end
   return {0, 'tokens', math.max(wait, 0), used, sum, reset(KEYS[1]), reset(KEYS[2])}
 end
-if maxc > 0 and redis.call('ZCARD', KEYS[4]) >= maxc then return {0, 'concurrency', 100, used, sum, reset(KEYS[1]), reset(KEYS[2])} end
-if monthly > 0 and month_used + tokens > monthly then return {0, 'monthly_tokens', -1, used, sum, reset(KEYS[1]), reset(KEYS[2])} end
+if maxc > 0 and redis.call('ZCARD', KEYS[4]) >= maxc then
+  return {0, 'concurrency', 100, used, sum, reset(KEYS[1]), reset(KEYS[2])}
+end
+if monthly > 0 and month_used + tokens > monthly then
+  return {0, 'monthly_tokens', -1, used, sum, reset(KEYS[1]), reset(KEYS[2])}
+end
 redis.call('ZADD', KEYS[1], now, id)
 redis.call('ZADD', KEYS[2], now, id .. ':' .. tokens)
 sum = sum + tokens

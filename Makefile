@@ -31,6 +31,7 @@ run: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/serving run
 
 test: setup
+	scripts/test-services.sh
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 lint: setup

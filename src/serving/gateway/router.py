@@ -50,7 +50,9 @@ class ModelRoute:
 
     async def infer(self, items: list[Any]) -> list[Any]:
         assert self.batcher is not None
-        return await self.batcher.submit(items)
+        outputs: Any = await self.batcher.submit(items)
+        rows: list[Any] = outputs.tolist() if hasattr(outputs, "tolist") else outputs  # float32 rows → float lists
+        return rows
 
     async def generate(self, item: GenerateItem) -> AsyncIterator[str | GenerateOutput]:
         stream: Any = self.handle.options(stream=True).generate.remote(item)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
@@ -38,9 +39,8 @@ class EmbedRunner:
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
 
-    def predict(self, batch: list[str]) -> list[list[float]]:
-        vectors: list[list[float]] = self.encode(batch).cpu().tolist()
-        return vectors
+    def predict(self, batch: list[str]) -> list[np.ndarray]:
+        return list(self.encode(batch).cpu().numpy())
 
-    def postprocess(self, output: list[float]) -> list[float]:
+    def postprocess(self, output: np.ndarray) -> np.ndarray:
         return output

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 
 class NoopRunner:
     def __init__(self, dimensions: int = 384) -> None:
@@ -15,8 +17,8 @@ class NoopRunner:
     def preprocess(self, item: str) -> str:
         return item
 
-    def predict(self, batch: list[str]) -> list[list[float]]:
-        return [[0.0] * self.dimensions for _ in batch]
+    def predict(self, batch: list[str]) -> list[np.ndarray]:
+        return list(np.zeros((len(batch), self.dimensions), dtype=np.float32))
 
-    def postprocess(self, output: list[float]) -> list[float]:
+    def postprocess(self, output: np.ndarray) -> np.ndarray:
         return output

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from transformers import AutoTokenizer
 
 from serving.client import AsyncClient, Client
 from serving.models.embed import EmbedRunner
@@ -32,8 +33,9 @@ def raw_vector(specs: list[ModelSpec], settings: Settings) -> list[float]:
 
 
 async def test_same_vector_over_grpc_http_and_openai(
-    grpc_target: str, http_base: str, api_key: str, raw_vector: list[float]
+    grpc_target: str, http_base: str, api_key: str, raw_vector: list[float], specs: list[ModelSpec], settings: Settings
 ) -> None:
+    spec = next(s for s in specs if s.id == "minilm-l6")
     async with AsyncClient(grpc_target, api_key) as client:
         via_grpc = (await client.embed([TEXT])).embeddings[0]
     async with httpx.AsyncClient(base_url=http_base, headers={"authorization": f"Bearer {api_key}"}) as http:
@@ -49,7 +51,10 @@ async def test_same_vector_over_grpc_http_and_openai(
     assert len(via_grpc) == len(raw_vector) == 384
     for vector in (via_grpc, via_http, via_openai, list(float_response.data[0].embedding)):
         assert cosine(vector, raw_vector) >= 0.999
-    assert response.usage.prompt_tokens > 0
+    # Usage is billed: it must be the model's true token count (special tokens included).
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(spec, settings.models_cache))
+    expected = len(tokenizer(TEXT)["input_ids"])
+    assert response.usage.prompt_tokens == expected
 
 
 async def test_related_sentences_score_higher(grpc_target: str, api_key: str) -> None:

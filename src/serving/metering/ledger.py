@@ -1,8 +1,9 @@
 """The usage ledger: exactly one record per admitted request, durable and idempotent by request id.
 
 ``record()`` appends to the local journal (one write, microseconds) and queues the record; a writer
-thread inserts queued records in batches (``ON CONFLICT DO NOTHING`` on partner + request id) off the
-hot path. On start the ledger replays journal segments an earlier process left behind (after SIGKILL);
+thread wakes every ``flush_interval_s`` (or when a full batch waits) and inserts the queued records in
+batches (``ON CONFLICT DO NOTHING`` on partner + request id), off the hot path and without a thread
+switch per request. On start the ledger replays journal segments an earlier process left behind (after SIGKILL);
 on close it flushes everything before returning. What a SIGKILL cannot lose: every acknowledged record
 (it was journaled before the response left). What it may leave: records of requests whose response was
 cut off by the kill (journaled, never acknowledged); they are stored once, never twice.
@@ -11,9 +12,9 @@ cut off by the kill (journaled, never acknowledged); they are stored once, never
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from serving.metering.journal import Journal
@@ -22,8 +23,6 @@ from serving.storage.database import Database
 from serving.storage.migrations import migrate
 
 log = logging.getLogger("serving.ledger")
-
-_STOP = object()
 
 
 class Ledger:
@@ -35,8 +34,10 @@ class Ledger:
         self.journal = Journal(journal_dir)
         self._max_batch = max_batch
         self._flush_interval_s = flush_interval_s
-        self._queue: queue.Queue[object] = queue.Queue()
-        self._oldest_pending: float | None = None
+        self._pending: deque[tuple[int, UsageRecord]] = deque()
+        self._flush_waiters: deque[threading.Event] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
         self.written = 0
         self.replayed = self._replay()
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
@@ -57,37 +58,29 @@ class Ledger:
 
     def record(self, record: UsageRecord) -> None:
         segment = self.journal.append(record)
-        self._queue.put((segment, record))
+        self._pending.append((segment, record))
+        if len(self._pending) >= self._max_batch:
+            self._wake.set()  # otherwise the writer picks it up on its next tick, without a thread switch now
 
     @property
     def backlog(self) -> int:
-        return self._queue.qsize()
+        return len(self._pending)
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            batch: list[tuple[int, UsageRecord]] = []
-            item = self._queue.get()
-            deadline = time.monotonic() + self._flush_interval_s
-            flushed: list[threading.Event] = []
-            while True:
-                if item is _STOP:
-                    stopping = True
-                elif isinstance(item, threading.Event):
-                    flushed.append(item)
-                    break
-                else:
-                    batch.append(item)  # type: ignore[arg-type]
-                if stopping or len(batch) >= self._max_batch:
-                    break
-                try:
-                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
-                except queue.Empty:
-                    break
-            if batch:
+        while True:
+            self._wake.wait(self._flush_interval_s)
+            self._wake.clear()
+            stopping = self._stopping
+            waiters = []
+            while self._flush_waiters:
+                waiters.append(self._flush_waiters.popleft())
+            while self._pending:
+                batch = [self._pending.popleft() for _ in range(min(self._max_batch, len(self._pending)))]
                 self._write(batch)
-            for event in flushed:
-                event.set()
+            for done in waiters:
+                done.set()
+            if stopping:
+                return
 
     def _write(self, batch: list[tuple[int, UsageRecord]]) -> None:
         while True:
@@ -104,11 +97,13 @@ class Ledger:
     def flush(self) -> None:
         """Blocks until every record queued so far is in the database."""
         done = threading.Event()
-        self._queue.put(done)
+        self._flush_waiters.append(done)
+        self._wake.set()
         done.wait()
 
     def close(self) -> None:
         """Flushes every queued record, then stops the writer."""
-        self._queue.put(_STOP)
+        self._stopping = True
+        self._wake.set()
         self._thread.join()
         self.journal.close(all_stored=True)

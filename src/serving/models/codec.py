@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
 from serving.domain import ChatMessage
@@ -17,15 +18,21 @@ from serving.domain import ChatMessage
 class TextCodec:
     def __init__(self, model_dir: Path) -> None:
         self._tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        # The Rust tokenizer underneath, without the Python wrapper's per-call overhead (hot path).
-        self._fast = getattr(self._tokenizer, "backend_tokenizer", None)
+        # A private copy of the Rust tokenizer underneath, without the Python wrapper's per-call overhead
+        # (hot path). tokenizer.json may carry padding/truncation settings: off, so counts are true lengths.
+        self._fast: Tokenizer | None = None
+        backend = getattr(self._tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            self._fast = Tokenizer.from_str(backend.to_str())
+            self._fast.no_padding()
+            self._fast.no_truncation()
 
     def count(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text, special tokens included (what the model actually reads)."""
         if not texts:
             return []
-        if self._fast is not None and self._fast.truncation is None:
-            return [len(e.ids) for e in self._fast.encode_batch(list(texts), add_special_tokens=True)]
+        if self._fast is not None:
+            return [len(self._fast.encode(text, add_special_tokens=True).ids) for text in texts]
         return [len(ids) for ids in self._tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
 
     def encode_prompt(self, prompt: str) -> list[int]:

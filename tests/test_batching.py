@@ -32,6 +32,9 @@ class ListSink:
     def record(self, record: UsageRecord) -> None:
         self.records.append(record)
 
+    def seen(self, partner_id: str, request_id: str) -> bool:
+        return any(r.partner_id == partner_id and r.request_id == request_id for r in self.records)
+
 
 async def test_concurrent_requests_reach_the_replica_as_one_batch(
     settings: Settings, specs: list[ModelSpec], ray_models: dict[str, Any], store: PartnerStore, api_key: str

@@ -74,6 +74,8 @@ async def test_request_ids_are_single_use(quota: QuotaBackend) -> None:
     assert await quota.claim_request_id(partner, "order-1")
     assert not await quota.claim_request_id(partner, "order-1")
     assert await quota.claim_request_id(f"{partner}x", "order-1")  # another partner's id space
+    await quota.release_request_id(partner, "order-1")  # not admitted after all: a retry may use it
+    assert await quota.claim_request_id(partner, "order-1")
 
 
 async def test_unreachable_redis_fails_closed_by_default_or_open_when_configured() -> None:

@@ -48,6 +48,10 @@ T = TypeVar("T")
 class UsageSink(Protocol):
     def record(self, record: UsageRecord) -> None: ...
 
+    def seen(self, partner_id: str, request_id: str) -> bool:
+        """Whether a stored record already carries this request id."""
+        ...
+
 
 class UsageSource(Protocol):
     def __call__(self, partner_id: str, start_day: str, end_day: str) -> list[UsageRow]: ...
@@ -80,6 +84,7 @@ class _Call:
     started: float = field(default_factory=time.time)
     caller: Caller | None = None
     request_id: str = ""
+    client_request_id: bool = False
     reservation: Reservation | None = None
     queued: bool = False
     entered: bool = False
@@ -203,7 +208,7 @@ class Core:
             await self._finish(call)
 
     async def list_models(self, ctx: CallContext) -> list[ModelInfo]:
-        caller = self._auth.authenticate(ctx.api_key)
+        caller = self.authenticate(ctx)
         return [m for m in self.models() if caller.plan.allows_model(m.id)]
 
     def models(self) -> list[ModelInfo]:
@@ -244,24 +249,42 @@ class Core:
         route = self._router.route(call.model, task)
         if not call.caller.plan.allows_model(call.model):
             raise PermissionDenied(f"your plan does not include model {call.model!r}", param="model")
-        if request_id and not await self._admission.claim_request_id(call.caller, request_id):
-            raise AlreadyExists(
-                f"request_id {request_id!r} was already used; each request needs a new one", param="request_id"
-            )
+        call.client_request_id = bool(request_id)
         return route
 
     async def _admit(self, call: _Call, ctx: CallContext, tokens: int) -> None:
-        assert call.caller is not None
+        """Claims a client's request id, reserves quota and waits for a model slot. Only a request that
+        gets through all three is admitted (metered); any other leaves no trace, so a retry can reuse its id."""
+        caller = call.caller
+        assert caller is not None
+        claimed = False
+        if call.client_request_id:
+            claimed = await self._admission.claim_request_id(caller, call.request_id)
+            if not claimed or await asyncio.to_thread(self._ledger.seen, caller.partner_id, call.request_id):
+                raise AlreadyExists(
+                    f"request_id {call.request_id!r} was already used; each request needs a new one",
+                    param="request_id",
+                )
         try:
-            call.reservation = await self._admission.reserve(call.caller, tokens)
-        except QuotaExceeded as exc:
-            ctx.meta.rate_limits = exc.rate_limits  # type: ignore[assignment]
+            try:
+                reservation = await self._admission.reserve(caller, tokens)
+            except QuotaExceeded as exc:
+                ctx.meta.rate_limits = exc.rate_limits  # type: ignore[assignment]
+                raise
+            ctx.meta.rate_limits = reservation.limits
+            call.queued = True
+            waited = time.perf_counter()
+            try:
+                await self._admission.enter(call.model, caller)
+            except BaseException:
+                await self._admission.settle(reservation, 0)
+                raise
+        except BaseException:
+            if claimed:
+                await self._admission.release_request_id(caller, call.request_id)
             raise
-        ctx.meta.rate_limits = call.reservation.limits
-        call.queued = True
-        waited = time.perf_counter()
-        await self._admission.enter(call.model, call.caller)
         call.entered = True
+        call.reservation = reservation
         call.queue_s = time.perf_counter() - waited
 
     async def _bounded(self, work: Awaitable[T], ctx: CallContext) -> T:

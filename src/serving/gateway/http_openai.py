@@ -109,7 +109,6 @@ def openai_router(core: Core, config: HttpConfig) -> APIRouter:
                 "model": result.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             },
-            headers={"x-request-id": result.request_id},
         )
 
     @router.post("/v1/chat/completions")
@@ -136,7 +135,6 @@ def openai_router(core: Core, config: HttpConfig) -> APIRouter:
                 ],
                 "usage": _usage(result),
             },
-            headers={"x-request-id": result.request_id},
         )
 
     return router

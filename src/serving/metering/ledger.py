@@ -62,6 +62,12 @@ class Ledger:
         if len(self._pending) >= self._max_batch:
             self._wake.set()  # otherwise the writer picks it up on its next tick, without a thread switch now
 
+    def seen(self, partner_id: str, request_id: str) -> bool:
+        row = self.db.one(
+            "SELECT 1 FROM usage_records WHERE partner_id = ? AND request_id = ?", (partner_id, request_id)
+        )
+        return row is not None
+
     @property
     def backlog(self) -> int:
         return len(self._pending)
@@ -101,9 +107,13 @@ class Ledger:
         self._wake.set()
         done.wait()
 
-    def close(self) -> None:
-        """Flushes every queued record, then stops the writer."""
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Flushes every queued record, then stops the writer. If the database stays away past the timeout,
+        the records stay in the journal and the next start replays them."""
         self._stopping = True
         self._wake.set()
-        self._thread.join()
-        self.journal.close(all_stored=True)
+        self._thread.join(timeout_s)
+        stored = not self._thread.is_alive()
+        if not stored:
+            log.error("ledger database unreachable at shutdown; %d records stay in the journal", self.backlog)
+        self.journal.close(all_stored=stored)

@@ -35,3 +35,6 @@ class Admission:
 
     async def claim_request_id(self, caller: Caller, request_id: str) -> bool:
         return await self.quota.claim_request_id(caller.partner_id, request_id)
+
+    async def release_request_id(self, caller: Caller, request_id: str) -> None:
+        await self.quota.release_request_id(caller.partner_id, request_id)

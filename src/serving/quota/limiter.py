@@ -51,6 +51,10 @@ class QuotaBackend(Protocol):
         """True the first time a partner uses a request id (idempotency keys are single-use)."""
         ...
 
+    async def release_request_id(self, partner_id: str, request_id: str) -> None:
+        """Gives a claimed id back: the request was not admitted, so a retry may use it."""
+        ...
+
     async def close(self) -> None: ...
 
 

@@ -106,6 +106,9 @@ class MemoryQuota:
         self._claimed.add(key)
         return True
 
+    async def release_request_id(self, partner_id: str, request_id: str) -> None:
+        self._claimed.discard((partner_id, request_id))
+
     async def close(self) -> None:
         pass
 

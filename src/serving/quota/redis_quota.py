@@ -167,5 +167,11 @@ class RedisQuota:
             self._unreachable(exc)
             return True
 
+    async def release_request_id(self, partner_id: str, request_id: str) -> None:
+        try:
+            await self._redis.delete(f"idem:{{{partner_id}}}:{request_id}")
+        except RedisError as exc:
+            log.warning("could not release request id %s: %s", request_id, exc)
+
     async def close(self) -> None:
         await self._redis.aclose()

@@ -1,0 +1,148 @@
+"""The measurement plan: which rows run, in which order (baselines interleaved with the rows they divide),
+against which gateway, and the gateways' lifetime around it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from benchlib.common import EMBED_MODEL, NOOP_MODEL, Config, Measurement
+from benchlib.overhead import Overhead, overhead_steps, start_overhead
+from benchlib.plain import plain_run
+from benchlib.stack import Stack, echo_payload, open_store, start_echo_server, unlimited_key
+from benchlib.workers import grpc_run, raw_run
+
+Step = Callable[[], Awaitable[Measurement]]
+
+
+async def batch_totals(handle: Any) -> tuple[int, int]:
+    snap = await handle.batch_stats.remote()
+    return int(snap["batches"]), int(snap["items"])
+
+
+async def with_batch_stats(handle: Any, run: Awaitable[Measurement]) -> Measurement:
+    """The run, plus the mean number of items per replica batch over it (warm-up included)."""
+    before = await batch_totals(handle)
+    result = await run
+    after = await batch_totals(handle)
+    batches = after[0] - before[0]
+    result.mean_batch = (after[1] - before[1]) / batches if batches else None
+    return result
+
+
+@dataclass(frozen=True)
+class Targets:
+    api_key: str
+    stack: str  # the gateway as configured (micro-batching on)
+    unbatched: str  # the same gateway code with micro-batching off (cap 1): one handle call per request
+    echo: str
+
+
+def build_plan(stack: Stack, t: Targets, cfg: Config) -> list[Step]:
+    """Rows echo, raw, A, B, C, A0, B0: baselines interleaved with the rows they divide."""
+    echo_label = "bare grpc.aio server, fixed response (same client)"
+
+    def through(key: str, label: str, unit: str, target: str, model: str) -> Awaitable[Measurement]:
+        return with_batch_stats(stack.handles[model], grpc_run(key, label, unit, target, t.api_key, model, cfg))
+
+    return [
+        lambda: grpc_run("echo#1", echo_label, "req/s", t.echo, t.api_key, EMBED_MODEL, cfg),
+        lambda: raw_run("raw-1t#1", stack.model_dir, 1, cfg.raw_batch, cfg),
+        lambda: through("A", "A: MiniLM through the whole stack", "texts/s", t.stack, EMBED_MODEL),
+        lambda: through("B", "B: no-op through the whole stack", "req/s", t.stack, NOOP_MODEL),
+        lambda: raw_run("raw-2t", stack.model_dir, 2, cfg.raw_batch, cfg),
+        lambda: with_batch_stats(
+            stack.plain[NOOP_MODEL],
+            plain_run("C-i", "C(i): plain Serve, no-op, 1 call/request", stack.plain[NOOP_MODEL], cfg),
+        ),
+        lambda: with_batch_stats(
+            stack.plain[EMBED_MODEL],
+            plain_run("C-ii", "C(ii): plain Serve, MiniLM, 1 call/request", stack.plain[EMBED_MODEL], cfg),
+        ),
+        lambda: raw_run("raw-1t-b64", stack.model_dir, 1, 64, cfg),
+        lambda: through("A0", "A0: MiniLM, stack with gateway micro-batch off", "texts/s", t.unbatched, EMBED_MODEL),
+        lambda: through("B0", "B0: no-op, stack with gateway micro-batch off", "req/s", t.unbatched, NOOP_MODEL),
+        lambda: grpc_run("echo#2", echo_label, "req/s", t.echo, t.api_key, EMBED_MODEL, cfg),
+        lambda: raw_run("raw-1t#2", stack.model_dir, 1, cfg.raw_batch, cfg),
+    ]
+
+
+def build_overhead_plan(stack: Stack, overhead: Overhead, models: list[str], cfg: Config) -> list[Step]:
+    """Rows G (and GM): auth+quota+metering on and off, same client, same concurrency."""
+
+    def through(key: str, label: str, unit: str, target: str, model: str) -> Awaitable[Measurement]:
+        run = grpc_run(key, label, unit, target, overhead.api_key, model, cfg)
+        return with_batch_stats(stack.handles[model], run)
+
+    return overhead_steps(overhead, models, through)
+
+
+def unbatched_settings(stack: Stack) -> Any:
+    """The same settings with gateway micro-batching off, and its own data directory (ledger, journal)."""
+    from serving.settings import Batching
+
+    batching = Batching(max_batch_size=1, max_wait_ms=0)
+    return dataclasses.replace(stack.settings, data_dir=stack.tmp / "unbatched", batching=batching)
+
+
+async def run_plan(plan: list[Step]) -> list[Measurement]:
+    results: list[Measurement] = []
+    for step in plan:
+        result = await step()
+        print(f"  {result.key:<11} {result.rate:9.1f} {result.unit:<8} {result.label}", flush=True)
+        results.append(result)
+    return results
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to run: the whole-stack rows, and the G rows on which models (with Redis at which URL)."""
+
+    stack_rows: bool
+    overhead_models: list[str]
+    redis_url: str
+
+
+async def measure_all(stack: Stack, cfg: Config, selection: Selection) -> tuple[list[Measurement], list[str]]:
+    """Starts every gateway, runs the plan, stops them; returns the rows and setup notes."""
+    from serving.gateway.app import Gateway
+
+    store = open_store(stack.tmp / "serving.db")
+    gateways = [
+        Gateway(stack.settings, stack.specs, stack.handles, store),
+        Gateway(unbatched_settings(stack), stack.specs, stack.handles, store),
+    ]
+    echo: grpc.aio.Server | None = None
+    overhead: Overhead | None = None
+    notes: list[str] = []
+    try:
+        plan: list[Step] = []
+        if selection.stack_rows:
+            for gateway in gateways:
+                await gateway.start()
+            echo, echo_port = await start_echo_server(echo_payload())
+            targets = Targets(
+                api_key=unlimited_key(store),
+                stack=f"127.0.0.1:{gateways[0].grpc_port}",
+                unbatched=f"127.0.0.1:{gateways[1].grpc_port}",
+                echo=f"127.0.0.1:{echo_port}",
+            )
+            plan += build_plan(stack, targets, cfg)
+        if selection.overhead_models:
+            overhead = await start_overhead(stack, store, selection.redis_url)
+            notes.append(overhead.note)
+            print(overhead.note, flush=True)
+            plan += build_overhead_plan(stack, overhead, selection.overhead_models, cfg)
+        return await run_plan(plan), notes
+    finally:
+        if echo is not None:
+            await echo.stop(0)
+        await asyncio.gather(*(gateway.stop() for gateway in gateways))
+        if overhead is not None:
+            await overhead.stop()
+        store.close()

@@ -1,0 +1,167 @@
+"""Setting up what is measured: Ray with the model deployments (the stack's and plain Serve's), the bare
+grpc.aio echo server, and the partner store with the benchmark's partners and keys."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from ray import serve
+
+from benchlib.common import APP_PREFIX, CACHE_DIR, EMBED_MODEL, NOOP_MODEL, RAY_ENV
+from benchlib.plain import PLAIN_MAX_BATCH, PLAIN_WAIT_S, deploy_plain
+
+
+def toml_table(values: dict[str, Any]) -> str:
+    parts = [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None]
+    return "{ " + ", ".join(parts) + " }"
+
+
+def write_registry(path: Path) -> Path:
+    """minilm-l6 exactly as the default registry has it, plus the no-op model over the same package."""
+    from serving.models.registry import load_registry
+
+    minilm = next(spec for spec in load_registry() if spec.id == EMBED_MODEL)
+    source = toml_table(asdict(minilm.source))
+    path.write_text(
+        f"""[[models]]
+id = "{EMBED_MODEL}"
+task = "embed"
+source = {source}
+device = "{minilm.device}"
+dtype = "{minilm.dtype}"
+max_input_tokens = {minilm.max_input_tokens}
+batching = {toml_table(asdict(minilm.batching))}
+replicas = {toml_table(asdict(minilm.replicas))}
+
+[[models]]
+id = "{NOOP_MODEL}"
+task = "embed"
+runner = "noop"
+source = {source}
+batching = {{ max_batch_size = 256, max_wait_ms = 5 }}
+replicas = {{ num_replicas = 1, num_cpus = 0.25, torch_threads = 1 }}
+"""
+    )
+    return path
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    settings: Any
+    specs: list[Any]
+    handles: dict[str, Any]
+    plain: dict[str, Any]
+    model_dir: Path
+
+
+def start_stack(tmp: Path) -> Stack:
+    import ray
+
+    from serving.models.deployment import deploy_models
+    from serving.models.registry import load_registry
+    from serving.models.sources import resolve_model_dir
+    from serving.settings import Settings
+
+    registry = write_registry(tmp / "registry.toml")
+    settings = Settings(
+        data_dir=tmp,
+        model_registry=registry,
+        model_cache_dir=CACHE_DIR,
+        grpc_port=0,
+        http_port=0,
+        shutdown_grace_s=1.0,
+    ).validate()
+    specs = load_registry(registry)
+    model_dir = resolve_model_dir(specs[0], CACHE_DIR)
+    # address="local": never attach to another Ray instance running on this machine.
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        runtime_env={"env_vars": RAY_ENV},
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    serve.start(proxy_location="Disabled")
+    handles = deploy_models(specs, CACHE_DIR, APP_PREFIX)
+    plain = {
+        NOOP_MODEL: deploy_plain("plain-noop", model_dir, noop=True, num_cpus=0.25),
+        EMBED_MODEL: deploy_plain("plain-minilm", model_dir, noop=False, num_cpus=0.5),
+    }
+    return Stack(tmp, settings, specs, handles, plain, model_dir)
+
+
+def describe_batching(stack: Stack) -> str:
+    gateway = stack.settings.batching
+    replicas = ", ".join(
+        f"{spec.id} {spec.batching.max_batch_size}/{spec.batching.max_wait_ms:g} ms" for spec in stack.specs
+    )
+    return (
+        f"batching: gateway micro-batch {gateway.max_batch_size}/{gateway.max_wait_ms:g} ms; "
+        f"stack replicas @serve.batch {replicas}; plain Serve @serve.batch {PLAIN_MAX_BATCH}/{PLAIN_WAIT_S * 1000:g} ms"
+    )
+
+
+def stop_stack() -> None:
+    import ray
+
+    serve.shutdown()  # type: ignore[no-untyped-call]
+    ray.shutdown()
+
+
+# --- the bare grpc.aio baseline ---------------------------------------------------------------------------
+
+
+def echo_payload() -> bytes:
+    """A response the size of the gateway's answer to a one-text MiniLM request (384 floats, usage, id)."""
+    from serving.domain import EmbedResult, Usage
+    from serving.gateway import convert
+
+    result = EmbedResult(EMBED_MODEL, [[0.01 * i for i in range(384)]], Usage(16, 0), "0" * 32)
+    return bytes(convert.embed_response(result).SerializeToString())
+
+
+async def start_echo_server(payload: bytes) -> tuple[grpc.aio.Server, int]:
+    """A bare grpc.aio server answering the Embed method with fixed bytes, so AsyncClient can call it."""
+
+    async def embed(_request: bytes, _context: grpc.aio.ServicerContext) -> bytes:
+        return payload
+
+    handler = grpc.method_handlers_generic_handler(
+        "serving.v1.InferenceService", {"Embed": grpc.unary_unary_rpc_method_handler(embed)}
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+# --- partners --------------------------------------------------------------------------------------------
+
+
+def open_store(path: Path) -> Any:
+    """The partner store over a SQLite file."""
+    from serving.partners.store import PartnerStore
+    from serving.storage.database import Database
+
+    return PartnerStore(Database(str(path)))
+
+
+def partner_key(store: Any, partner: str, plan: Any) -> tuple[str, str]:
+    """A new partner on ``plan`` (stored first) and a key for it: (partner id, API key)."""
+    store.put_plan(plan)
+    partner_id = store.create_partner(partner, plan=plan.name).id
+    return partner_id, str(store.issue_key(partner_id))
+
+
+def unlimited_key(store: Any) -> str:
+    """A key on a plan without limits: rows A/B/A0/B0 measure the serving path, not quota."""
+    from serving.plans import Plan
+
+    return partner_key(store, "bench", Plan(name="bench-unlimited"))[1]  # zero: unlimited

@@ -20,20 +20,31 @@ from serving.settings import Settings
 CAPACITY = 1  # requests in flight to the model per gateway; beyond it partners queue fairly
 FLOODERS = 10  # A keeps ten requests outstanding: ten times a fair share of the one slot
 B_REQUESTS = 60
+# B's share: one request every 60 ms (about 17/s), below half of what the one slot serves (~40/s).
+B_INTERVAL_S = 0.06
 TEXT = "A partner backend asks for an embedding of this ordinary sentence."
 
 
 async def _b_latencies(client: AsyncClient) -> tuple[list[float], int]:
-    latencies, failures = [], 0
-    for i in range(B_REQUESTS):
+    """B sends its share as an open-loop stream: one request every B_INTERVAL_S, whatever the replies do
+    (each start is scheduled with call_at on the loop clock; nothing sleeps)."""
+    loop = asyncio.get_running_loop()
+    first = loop.time() + B_INTERVAL_S
+
+    async def one(i: int) -> float | None:
+        slot: asyncio.Future[None] = loop.create_future()
+        loop.call_at(first + i * B_INTERVAL_S, slot.set_result, None)
+        await slot
         started = time.perf_counter()
         try:
             await client.embed([f"{TEXT} ({i})"])
         except ApiError:
-            failures += 1
-            continue
-        latencies.append(time.perf_counter() - started)
-    return latencies, failures
+            return None
+        return time.perf_counter() - started
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(B_REQUESTS)))
+    latencies = [o for o in outcomes if o is not None]
+    return latencies, len(outcomes) - len(latencies)
 
 
 async def test_flooding_partner_does_not_starve_a_fair_one(

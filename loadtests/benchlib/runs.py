@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 
 from benchlib.common import EMBED_MODEL, NOOP_MODEL, Config, Measurement
-from benchlib.overhead import Overhead, overhead_steps, start_overhead
+from benchlib.overhead import LATENCY_PREFIX, Overhead, overhead_steps, start_overhead
 from benchlib.plain import plain_run
 from benchlib.stack import Stack, echo_payload, open_store, start_echo_server, unlimited_key
 from benchlib.workers import grpc_run, raw_run
@@ -79,7 +79,14 @@ def build_overhead_plan(stack: Stack, overhead: Overhead, models: list[str], cfg
         run = grpc_run(key, label, unit, target, overhead.api_key, model, cfg)
         return with_batch_stats(stack.handles[model], run)
 
-    return overhead_steps(overhead, models, through)
+    def through_one(key: str, label: str, unit: str, target: str, model: str) -> Awaitable[Measurement]:
+        run = grpc_run(key, label, unit, target, overhead.api_key, model, dataclasses.replace(cfg, concurrency=1))
+        return with_batch_stats(stack.handles[model], run)
+
+    steps = overhead_steps(overhead, models, through)
+    if NOOP_MODEL in models:
+        steps += overhead_steps(overhead, [NOOP_MODEL], through_one, prefix=LATENCY_PREFIX)
+    return steps
 
 
 def unbatched_settings(stack: Stack) -> Any:

@@ -151,6 +151,7 @@ class Gateway:
             self._http_server.should_exit = True
             tasks.append(self._http_task)
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.core.drain()
         # Every request has finished: flush the ledger before the process may exit.
         await asyncio.to_thread(self.ledger.close)
         self.ledger.db.close()

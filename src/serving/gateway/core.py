@@ -294,6 +294,9 @@ class Core:
         except TimeoutError as exc:
             raise DeadlineExceeded("the request exceeded its deadline") from exc
 
+    async def drain(self) -> None:
+        await self._admission.drain()
+
     async def _finish(self, call: _Call) -> None:
         """Settle quota, free the model slot, record usage, observe metrics: once per request."""
         if call.finished:
@@ -320,7 +323,7 @@ class Core:
                     finished_at=finished_at,
                 )
             )
-            await self._admission.settle(call.reservation, call.usage.input_tokens + call.usage.output_tokens)
+            self._admission.settle_soon(call.reservation, call.usage.input_tokens + call.usage.output_tokens)
         self._observe(call, finished_at - call.started)
 
     def _observe(self, call: _Call, elapsed: float) -> None:

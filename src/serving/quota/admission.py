@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from serving.domain import Caller
@@ -14,6 +15,7 @@ from serving.settings import Admission as AdmissionSettings
 class Admission:
     def __init__(self, quota: QuotaBackend, specs: list[ModelSpec], settings: AdmissionSettings) -> None:
         self.quota = quota
+        self._settling: set[asyncio.Task[None]] = set()
         self.queues = {
             spec.id: FairQueue(
                 spec.id, spec.admission.max_concurrency, settings.max_queue_per_partner, settings.max_wait_s
@@ -26,6 +28,16 @@ class Admission:
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         await self.quota.settle(reservation, actual_tokens)
+
+    def settle_soon(self, reservation: Reservation, actual_tokens: int) -> None:
+        """Settles in the background so the response does not wait on the quota store's round trip."""
+        task = asyncio.get_running_loop().create_task(self.quota.settle(reservation, actual_tokens))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def drain(self) -> None:
+        """Waits for background settlements (at shutdown, before the quota store closes)."""
+        await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def enter(self, model: str, caller: Caller) -> None:
         await self.queues[model].acquire(caller.partner_id, caller.plan.weight)

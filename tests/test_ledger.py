@@ -64,7 +64,7 @@ def test_journal_replays_after_a_crash(database_url: str, tmp_path: Path) -> Non
     for i in range(40):  # journaled (acknowledged) but never stored: the process "died" here
         journal.append(record(f"c{i}"))
     with journal._path(journal._segment).open("a") as torn:
-        torn.write('{"request_id": "torn", "partner')  # killed inside write(): never acknowledged
+        torn.write('["torn", "p_1"')  # killed inside write(): never acknowledged
     ledger = Ledger(Database(database_url), tmp_path / "journal")
     assert ledger.replayed == 40
     assert totals(ledger.db) == (40, 120)

@@ -43,7 +43,7 @@ id = "{NOOP_MODEL}"
 task = "embed"
 runner = "noop"
 source = {source}
-batching = {{ max_batch_size = 256, max_wait_ms = 5 }}
+batching = {{ max_batch_size = 256, max_wait_ms = 0 }}
 replicas = {{ num_replicas = 1, num_cpus = 0.25, torch_threads = 1 }}
 """
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 
@@ -35,12 +35,18 @@ class UsageRecord:
         )  # fmt: skip
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # A positional array in field order: several times cheaper than asdict() on the hot path.
+        return json.dumps([getattr(self, name) for name in _FIELDS], separators=(",", ":"))
 
     @classmethod
     def from_json(cls, line: str) -> UsageRecord:
-        return cls(**json.loads(line))
+        values = json.loads(line)
+        if not isinstance(values, list) or len(values) != len(_FIELDS):
+            raise ValueError("not a usage record")
+        return cls(*values)
 
+
+_FIELDS = tuple(f.name for f in fields(UsageRecord))
 
 INSERT_SQL = (
     "INSERT INTO usage_records (partner_id, request_id, key_id, model, operation, input_tokens, output_tokens,"

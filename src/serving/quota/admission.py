@@ -31,6 +31,10 @@ class Admission:
 
     def settle_soon(self, reservation: Reservation, actual_tokens: int) -> None:
         """Settles in the background so the response does not wait on the quota store's round trip."""
+        settle_now = getattr(self.quota, "settle_now", None)
+        if settle_now is not None:  # in-process quota: nothing to wait for
+            settle_now(reservation, actual_tokens)
+            return
         task = asyncio.get_running_loop().create_task(self.quota.settle(reservation, actual_tokens))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)

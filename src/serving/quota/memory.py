@@ -86,6 +86,10 @@ class MemoryQuota:
         return Reservation(caller.partner_id, reservation_id, tokens, month, _limits(caller, state, now))
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
+        self.settle_now(reservation, actual_tokens)
+
+    def settle_now(self, reservation: Reservation, actual_tokens: int) -> None:
+        """Synchronous: in-process settling needs no round trip, so the caller need not schedule a task."""
         state = self._state.get(reservation.partner_id)
         if state is None:
             return

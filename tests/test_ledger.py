@@ -12,13 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import POSTGRES_URL
+from conftest import POSTGRES_URL, running_gateway
 from gateway_process import start_gateway_process
 
 from serving.client import ApiError, AsyncClient, RetryPolicy
+from serving.domain import EmbedResult
+from serving.gateway.app import Gateway
 from serving.metering.journal import Journal
 from serving.metering.ledger import Ledger
 from serving.metering.record import UsageRecord
+from serving.metering.usage import UsageReport
+from serving.models.registry import ModelSpec
 from serving.partners.store import PartnerStore
 from serving.settings import Settings
 from serving.storage.database import Database
@@ -138,3 +142,36 @@ async def test_sigkill_loses_nothing_acknowledged_and_doubles_nothing(
     extra = set(stored) - set(acknowledged)
     assert extra <= failed, "the ledger holds requests no client sent"  # cut off by the kill, never acknowledged
     assert sum(acknowledged.values()) == sum(stored[rid] for rid in acknowledged)
+
+
+async def _embed_then_usage(gw: Gateway, key: str) -> tuple[list[EmbedResult], UsageReport]:
+    async with AsyncClient(f"127.0.0.1:{gw.grpc_port}", key) as client:
+        results = [await client.embed([f"postgres row {i}"]) for i in range(5)]
+        await asyncio.to_thread(gw.ledger.flush)
+        return results, await client.get_usage()
+
+
+async def test_gateway_on_postgres_meters_every_request(
+    settings: Settings, specs: list[ModelSpec], ray_models: dict[str, Any]
+) -> None:
+    """At scale: partners, keys and the ledger in PostgreSQL, the gateway unchanged."""
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    admin = Database(POSTGRES_URL)
+    admin.execute(f"CREATE SCHEMA {schema}")
+    url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    store = PartnerStore(Database(url))
+    try:
+        partner = store.create_partner("pg-gateway", plan="standard")
+        key = store.issue_key(partner.id)
+        overrides = {"database_url": url, "ledger_database_url": url, "gateway_id": "pg-1"}
+        async with running_gateway(settings, specs, ray_models, store, **overrides) as gw:
+            results, report = await _embed_then_usage(gw, key)
+        assert sum(row.requests for row in report.rows) == 5
+        assert sum(row.input_tokens for row in report.rows) == sum(r.usage.input_tokens for r in results)
+        check = Database(url)
+        assert totals(check, partner.id)[0] == 5
+        check.close()
+    finally:
+        store.close()
+        admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        admin.close()

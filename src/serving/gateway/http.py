@@ -202,7 +202,7 @@ def build_http_app(
             partner_id=report.partner_id,
             start_day=report.start_day,
             end_day=report.end_day,
-            rows=[schemas.UsageRowBody(**vars(row)) for row in report.rows],
+            rows=report.rows,
         )
 
     app.include_router(openai_router(core, config))

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from serving.domain import ChatMessage
+from serving.metering.usage import UsageRow
 
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
 
@@ -86,20 +87,11 @@ class GenerateReply(BaseModel):
     request_id: str
 
 
-class UsageRowBody(BaseModel):
-    day: str
-    model: str
-    operation: str
-    requests: int
-    input_tokens: int
-    output_tokens: int
-
-
 class UsageReply(BaseModel):
     partner_id: str
     start_day: str
     end_day: str
-    rows: list[UsageRowBody]
+    rows: list[UsageRow]  # the ledger's own row type (a dataclass pydantic validates as is)
 
 
 class ModelCard(BaseModel):

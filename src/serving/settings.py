@@ -81,6 +81,7 @@ class Settings:
     # None: quota kept in-process (one gateway replica); "redis://..." when several replicas run.
     redis_url: str | None = None
     quota_failure_policy: str = "closed"  # when Redis is unreachable: "closed" rejects (503), "open" admits
+    redis_timeout_s: float = 2.0  # past this a quota call counts as "Redis unreachable"
     admin_token: str | None = None
     gateway_id: str = "gateway-0"  # names this replica's usage journal; unique per replica sharing a data dir
     ledger_flush_interval_s: float = 0.05

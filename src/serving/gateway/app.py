@@ -81,6 +81,7 @@ def build_quota(settings: Settings, metrics: Metrics) -> QuotaBackend:
         settings.redis_url,
         fail_open=settings.quota_failure_policy == "open",
         on_fail_open=metrics.quota_fail_open.inc,
+        timeout_s=settings.redis_timeout_s,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from serving.cli_admin import add_admin_commands
 from serving.models.registry import load_registry
+from serving.partners.keys import parse_key
 from serving.partners.store import PartnerStore
 from serving.settings import Settings, load_settings
 from serving.storage.database import Database
@@ -37,8 +38,6 @@ def _demo_key(settings: Settings, store: PartnerStore) -> str:
     path = settings.demo_key_path
     if path.exists():
         key = path.read_text().strip()
-        from serving.partners.keys import parse_key
-
         parsed = parse_key(key)
         stored = store.key(parsed.key_id) if parsed else None
         if stored is not None and not stored.revoked:

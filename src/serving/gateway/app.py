@@ -11,6 +11,8 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 from transformers import AutoConfig
@@ -43,12 +45,12 @@ log = logging.getLogger("serving.gateway")
 _READY_CACHE_S = 2.0
 
 
-def build_routes(specs: list[ModelSpec], handles: dict[str, object], cache_dir: object) -> dict[str, ModelRoute]:
+def build_routes(specs: list[ModelSpec], handles: dict[str, Any], cache_dir: Path) -> dict[str, ModelRoute]:
     routes: dict[str, ModelRoute] = {}
     for spec in specs:
-        model_dir = resolve_model_dir(spec, cache_dir)  # type: ignore[arg-type]
+        model_dir = resolve_model_dir(spec, cache_dir)
         dims = 0 if spec.task is Task.GENERATE else int(AutoConfig.from_pretrained(model_dir).hidden_size)
-        routes[spec.id] = ModelRoute(spec=spec, codec=TextCodec(model_dir), handle=handles[spec.id], dimensions=dims)  # type: ignore[arg-type]
+        routes[spec.id] = ModelRoute(spec=spec, codec=TextCodec(model_dir), handle=handles[spec.id], dimensions=dims)
     return routes
 
 
@@ -87,7 +89,7 @@ def build_quota(settings: Settings, metrics: Metrics) -> QuotaBackend:
 
 class Gateway:
     def __init__(
-        self, settings: Settings, specs: list[ModelSpec], handles: dict[str, object], store: PartnerStore
+        self, settings: Settings, specs: list[ModelSpec], handles: dict[str, Any], store: PartnerStore
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
@@ -109,7 +111,7 @@ class Gateway:
         self.readiness = _Readiness([f"{settings.serve_app_name}-{spec.id}" for spec in specs])
         self.grpc_port = 0
         self.http_port = 0
-        self._grpc_server: object = None
+        self._grpc_server: Any = None  # a grpc.aio.Server; only the front doors import grpc
         self._http_server: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
 
@@ -147,7 +149,7 @@ class Gateway:
         grace = self.settings.shutdown_grace_s
         tasks = []
         if self._grpc_server is not None:
-            tasks.append(self._grpc_server.stop(grace))  # type: ignore[attr-defined]
+            tasks.append(self._grpc_server.stop(grace))
         if self._http_server is not None and self._http_task is not None:
             self._http_server.should_exit = True
             tasks.append(self._http_task)

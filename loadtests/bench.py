@@ -16,6 +16,13 @@ It starts Ray, deploys MiniLM and a no-op model through ``serving.models.deploym
   G  the gateway with auth + quota + metering ON (the real Gateway: MemoryQuota, and again with RedisQuota)
      ÷ OFF (the same front door and router around a Core with no-op stand-ins), on the no-op model:
      throughput ON ÷ OFF (target ≥ 0.9) and p50(ON) − p50(OFF) (target ≤ 1 ms); GM the same on MiniLM
+  C-http  plain Ray Serve called over HTTP through its own proxy, as its batching guide shows
+  S  a concurrency sweep 1 → 256 through the whole stack (MiniLM and no-op): throughput must not fall as
+     concurrency rises; p99 at 256 ÷ p99 at 1
+
+The same command runs on a CUDA machine: ``--device auto`` (the default) puts MiniLM (stack replica, plain
+Serve, raw baseline) on the GPU when torch sees one, ``--dtype float16|bfloat16`` picks half precision there,
+and each MiniLM replica asks Ray for ``--num-gpus`` (default: 0.25 when CUDA is present, else 0). See docs/gpu.md.
 
 Load clients and the raw model run in subprocesses of this script (``--worker``), so a measured server never
 shares its event loop with the client that loads it. Nothing is asserted: it prints ratios (and latencies).
@@ -34,6 +41,7 @@ import time
 from pathlib import Path
 
 from benchlib.common import EMBED_MODEL, NOOP_MODEL
+from benchlib.sweep import DEFAULT_LEVELS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,8 +51,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each measurement")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per row")
     parser.add_argument(
-        "--rows", choices=("all", "stack", "overhead"), default="all", help="stack: echo/raw/A/B/C/A0/B0; overhead: G"
+        "--rows",
+        choices=("all", "stack", "overhead", "sweep"),
+        default="all",
+        help="stack: echo/raw/A/B/C/C-http/A0/B0; overhead: G; sweep: S",
     )
+    parser.add_argument(
+        "--sweep-levels",
+        default=",".join(str(c) for c in DEFAULT_LEVELS),
+        help="comma-separated concurrency levels of the sweep ('' skips it)",
+    )
+    parser.add_argument("--device", default="auto", help="MiniLM's device: auto (CUDA when present), cpu, cuda")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--num-gpus", type=float, help="GPU share per MiniLM replica (default 0.25 with CUDA, else 0)")
     parser.add_argument(
         "--overhead-models",
         default=NOOP_MODEL,
@@ -59,6 +78,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown := set(models) - {NOOP_MODEL, EMBED_MODEL}:
         parser.error(f"--overhead-models: unknown {sorted(unknown)}; use {NOOP_MODEL} and/or {EMBED_MODEL}")
     args.overhead_models = models
+    args.sweep_levels = [int(c) for c in args.sweep_levels.split(",") if c.strip()]
     return args
 
 
@@ -66,6 +86,12 @@ def gateway_batch_cap() -> int:
     from serving.settings import Settings
 
     return Settings().batching.max_batch_size
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,27 +105,33 @@ def main(argv: list[str] | None = None) -> None:
     from benchlib.common import Config
     from benchlib.report import machine, report
     from benchlib.runs import Selection, measure_all
-    from benchlib.stack import describe_batching, start_stack, stop_stack
+    from benchlib.stack import Hardware, describe_batching, start_stack, stop_stack
 
+    cuda = cuda_available()
+    device = "cuda" if args.device == "auto" and cuda else "cpu" if args.device == "auto" else args.device
+    num_gpus = args.num_gpus if args.num_gpus is not None else (0.25 if device == "cuda" else 0.0)
+    hardware = Hardware(device=device, dtype=args.dtype, num_gpus=num_gpus)
     # The raw baseline encodes batches of the gateway's micro-batch cap: the largest batch the stack forms.
-    cfg = Config(args.concurrency, args.warmup, args.duration, raw_batch=min(args.concurrency, gateway_batch_cap()))
+    raw_batch = min(args.concurrency, gateway_batch_cap())
+    cfg = Config(args.concurrency, args.warmup, args.duration, raw_batch, device=device, dtype=args.dtype)
     selection = Selection(
         stack_rows=args.rows in ("all", "stack"),
         overhead_models=args.overhead_models if args.rows in ("all", "overhead") else [],
         redis_url=args.redis_url,
+        sweep_levels=args.sweep_levels if args.rows in ("all", "sweep") else [],
     )
     before = machine()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         print("starting Ray and deploying the models...", flush=True)
         started = time.perf_counter()
         try:
-            stack = start_stack(Path(tmp))
-            note = describe_batching(stack)
+            stack = start_stack(Path(tmp), hardware)
+            note = describe_batching(stack) + f"; MiniLM on {device}, {args.dtype}, {num_gpus:g} GPU per replica"
             print(f"deployed in {time.perf_counter() - started:.0f} s; {note}", flush=True)
             measured, notes = asyncio.run(measure_all(stack, cfg, selection))
         finally:
             stop_stack()
-    report(measured, cfg, [note, *notes], before, args.json)
+    report(measured, cfg, [note, *notes], before, args.json, selection.sweep_levels)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

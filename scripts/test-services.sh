@@ -44,3 +44,10 @@ if [ -z "${SERVING_TEST_POSTGRES_URL:-}" ]; then
     psql -h 127.0.0.1 -U postgres -d postgres -c 'CREATE DATABASE test' >/dev/null
   fi
 fi
+
+# Prometheus and promtool (Debian package prometheus, 2.42 on Debian 12): the metrics, alert-rule and dashboard
+# tests run them, and so do billing's integration tests. The tests start their own servers on free ports.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  echo "installing Prometheus for the tests"
+  apt_install prometheus
+fi

@@ -69,6 +69,8 @@ class Config:
     warmup_s: float
     duration_s: float
     raw_batch: int
+    device: str = "cpu"  # "auto": CUDA when present (the registry's default), else CPU
+    dtype: str = "float32"  # float16 / bfloat16 take effect on CUDA only (serving.models.runner.resolve_dtype)
 
 
 @dataclass
@@ -101,6 +103,10 @@ class Ratio:
         if self.target is None:
             return None
         return self.value >= self.target if self.op == "≥" else self.value <= self.target
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def percentile(values: list[float], q: float) -> float:

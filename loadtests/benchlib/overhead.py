@@ -73,6 +73,9 @@ class NoQuota:
     async def claim_request_id(self, partner_id: str, request_id: str) -> bool:
         return True
 
+    async def release_request_id(self, partner_id: str, request_id: str) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 
@@ -82,6 +85,9 @@ class DropLedger:
 
     def record(self, record: UsageRecord) -> None:
         pass
+
+    def seen(self, partner_id: str, request_id: str) -> bool:
+        return False
 
 
 class OffGateway:

@@ -9,8 +9,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from benchlib.common import Config, Measurement, Ratio, mean_of
+from benchlib.common import Config, Measurement, Ratio, fmt, mean_of
 from benchlib.overhead import overhead_means, overhead_notes, overhead_ratios
+from benchlib.sweep import SWEEP_PREFIX, sweep_ratios, sweep_table
 
 # (label, numerator, denominator, target ≥): the whole-stack rows.
 STACK_RATIOS: list[tuple[str, str, str, float | None]] = [
@@ -23,6 +24,11 @@ STACK_RATIOS: list[tuple[str, str, str, float | None]] = [
     ("C(ii) plain Serve MiniLM ÷ raw (2 threads)", "C-ii", "raw-2t", None),
     ("C(i) ÷ B (plain Serve vs stack, no-op)", "C-i", "B", None),
     ("C(ii) ÷ A (plain Serve vs stack, MiniLM)", "C-ii", "A", None),
+    ("C-http(i) plain Serve over HTTP, no-op ÷ bare grpc.aio", "C-http-i", "echo", None),
+    ("C-http(ii) plain Serve over HTTP, MiniLM ÷ raw (1 thread)", "C-http-ii", "raw-1t", None),
+    ("C-http(i) ÷ B (plain Serve over HTTP vs stack, no-op)", "C-http-i", "B", None),
+    ("C-http(ii) ÷ A (plain Serve over HTTP vs stack, MiniLM)", "C-http-ii", "A", None),
+    ("A ÷ C-http(ii) (stack vs plain Serve over HTTP, MiniLM)", "A", "C-http-ii", None),
     ("A ÷ A0 (what gateway micro-batching buys, MiniLM)", "A", "A0", None),
     ("B ÷ B0 (what gateway micro-batching buys, no-op)", "B", "B0", None),
     ("A0 ÷ raw (1 thread)", "A0", "raw-1t", None),
@@ -42,13 +48,13 @@ def baselines(results: dict[str, Measurement]) -> list[Measurement]:
     return means
 
 
-def ratios(results: dict[str, Measurement]) -> list[Ratio]:
+def ratios(results: dict[str, Measurement], levels: list[int]) -> list[Ratio]:
     stack = [
         Ratio(label, num, den, results[num].rate / results[den].rate, target)
         for label, num, den, target in STACK_RATIOS
         if num in results and den in results
     ]
-    return stack + overhead_ratios(results)
+    return stack + overhead_ratios(results) + sweep_ratios(results, levels)
 
 
 def noise_notes(results: dict[str, Measurement]) -> list[str]:
@@ -65,10 +71,6 @@ def noise_notes(results: dict[str, Measurement]) -> list[str]:
             " so ratios against raw-2t overstate the stack"
         )
     return notes + overhead_notes(results)
-
-
-def fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None or value != value else f"{value:.{digits}f}"
 
 
 def measurement_table(rows: list[Measurement]) -> str:
@@ -103,12 +105,17 @@ def machine() -> dict[str, Any]:
 
 
 def report(
-    measured: list[Measurement], cfg: Config, setup: list[str], before: dict[str, Any], json_path: Path | None
+    measured: list[Measurement],
+    cfg: Config,
+    setup: list[str],
+    before: dict[str, Any],
+    json_path: Path | None,
+    levels: list[int],
 ) -> None:
-    """``setup`` holds the lines describing the configuration (batching first)."""
+    """``setup`` holds the lines describing the configuration (batching first); ``levels`` the sweep's."""
     results = {m.key: m for m in measured}
     means = baselines(results)
-    table = ratios(results)
+    table = ratios(results, levels)
     after = machine()
     print()
     print(
@@ -117,13 +124,16 @@ def report(
     )
     print(
         f"concurrency {cfg.concurrency}, warm-up {cfg.warmup_s:g} s + {cfg.duration_s:g} s measured per row; "
-        f"raw baseline batch {cfg.raw_batch}"
+        f"raw baseline batch {cfg.raw_batch}; device {cfg.device}, dtype {cfg.dtype}"
     )
     for line in setup:
         print(line)
     print()
-    print(measurement_table(measured))
+    print(measurement_table([m for m in measured if not m.key.startswith(SWEEP_PREFIX)]))
     print()
+    if any(m.key.startswith(SWEEP_PREFIX) for m in measured):
+        print(sweep_table(results, levels))
+        print()
     for base in means:
         latency = f", p50 {base.p50_ms:.1f} ms (mean of the runs' p50)" if base.key.startswith("G") else ""
         print(f"{base.label}: {base.rate:.1f} {base.unit}{latency}")

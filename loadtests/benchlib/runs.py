@@ -15,7 +15,8 @@ from benchlib.common import EMBED_MODEL, NOOP_MODEL, Config, Measurement
 from benchlib.overhead import LATENCY_PREFIX, Overhead, overhead_steps, start_overhead
 from benchlib.plain import plain_run
 from benchlib.stack import Stack, echo_payload, open_store, start_echo_server, unlimited_key
-from benchlib.workers import grpc_run, raw_run
+from benchlib.sweep import sweep_steps
+from benchlib.workers import grpc_run, http_run, raw_run
 
 Step = Callable[[], Awaitable[Measurement]]
 
@@ -64,6 +65,18 @@ def build_plan(stack: Stack, t: Targets, cfg: Config) -> list[Step]:
             stack.plain[EMBED_MODEL],
             plain_run("C-ii", "C(ii): plain Serve, MiniLM, 1 call/request", stack.plain[EMBED_MODEL], cfg),
         ),
+        lambda: with_batch_stats(
+            stack.plain[f"{NOOP_MODEL}-http"],
+            http_run(
+                "C-http-i", "C-http(i): plain Serve over HTTP (its proxy), no-op", stack.plain_http[NOOP_MODEL], cfg
+            ),
+        ),
+        lambda: with_batch_stats(
+            stack.plain[f"{EMBED_MODEL}-http"],
+            http_run(
+                "C-http-ii", "C-http(ii): plain Serve over HTTP (its proxy), MiniLM", stack.plain_http[EMBED_MODEL], cfg
+            ),
+        ),
         lambda: raw_run("raw-1t-b64", stack.model_dir, 1, 64, cfg),
         lambda: through("A0", "A0: MiniLM, stack with gateway micro-batch off", "texts/s", t.unbatched, EMBED_MODEL),
         lambda: through("B0", "B0: no-op, stack with gateway micro-batch off", "req/s", t.unbatched, NOOP_MODEL),
@@ -87,6 +100,24 @@ def build_overhead_plan(stack: Stack, overhead: Overhead, models: list[str], cfg
     if NOOP_MODEL in models:
         steps += overhead_steps(overhead, [NOOP_MODEL], through_one, prefix=LATENCY_PREFIX)
     return steps
+
+
+def build_sweep_plan(stack: Stack, api_key: str, target: str, levels: list[int], cfg: Config) -> list[Step]:
+    """Rows S: MiniLM then no-op through the whole stack at each concurrency level."""
+
+    def run(key: str, label: str, unit: str, model: str, level_cfg: Config) -> Awaitable[Measurement]:
+        return with_batch_stats(stack.handles[model], grpc_run(key, label, unit, target, api_key, model, level_cfg))
+
+    return sweep_steps(run, [EMBED_MODEL, NOOP_MODEL], levels, cfg)
+
+
+def sweep_settings(stack: Stack, levels: list[int]) -> Any:
+    """The stack's settings with a per-partner queue that holds the sweep's largest level (one partner sends
+    everything; the default queue of 64 would shed the rest as UNAVAILABLE), and its own data directory."""
+    from serving.settings import Admission
+
+    admission = Admission(max_queue_per_partner=max(levels), max_wait_s=stack.settings.admission.max_wait_s)
+    return dataclasses.replace(stack.settings, data_dir=stack.tmp / "sweep", admission=admission)
 
 
 def unbatched_settings(stack: Stack) -> Any:
@@ -113,6 +144,7 @@ class Selection:
     stack_rows: bool
     overhead_models: list[str]
     redis_url: str
+    sweep_levels: list[int]  # empty: no sweep
 
 
 async def measure_all(stack: Stack, cfg: Config, selection: Selection) -> tuple[list[Measurement], list[str]]:
@@ -124,17 +156,19 @@ async def measure_all(stack: Stack, cfg: Config, selection: Selection) -> tuple[
         Gateway(stack.settings, stack.specs, stack.handles, store),
         Gateway(unbatched_settings(stack), stack.specs, stack.handles, store),
     ]
+    if selection.sweep_levels:
+        gateways.append(Gateway(sweep_settings(stack, selection.sweep_levels), stack.specs, stack.handles, store))
     echo: grpc.aio.Server | None = None
     overhead: Overhead | None = None
     notes: list[str] = []
     try:
         plan: list[Step] = []
+        for gateway in gateways if selection.stack_rows else gateways[2:]:
+            await gateway.start()
         if selection.stack_rows:
-            for gateway in gateways:
-                await gateway.start()
             echo, echo_port = await start_echo_server(echo_payload())
             targets = Targets(
-                api_key=unlimited_key(store),
+                api_key=unlimited_key(store, "bench"),
                 stack=f"127.0.0.1:{gateways[0].grpc_port}",
                 unbatched=f"127.0.0.1:{gateways[1].grpc_port}",
                 echo=f"127.0.0.1:{echo_port}",
@@ -145,6 +179,9 @@ async def measure_all(stack: Stack, cfg: Config, selection: Selection) -> tuple[
             notes.append(overhead.note)
             print(overhead.note, flush=True)
             plan += build_overhead_plan(stack, overhead, selection.overhead_models, cfg)
+        if selection.sweep_levels:
+            target = f"127.0.0.1:{gateways[2].grpc_port}"
+            plan += build_sweep_plan(stack, unlimited_key(store, "bench-sweep"), target, selection.sweep_levels, cfg)
         return await run_plan(plan), notes
     finally:
         if echo is not None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+import socket
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,17 @@ import grpc
 from ray import serve
 
 from benchlib.common import APP_PREFIX, CACHE_DIR, EMBED_MODEL, NOOP_MODEL, RAY_ENV
-from benchlib.plain import PLAIN_MAX_BATCH, PLAIN_WAIT_S, deploy_plain
+from benchlib.plain import PLAIN_MAX_BATCH, PLAIN_WAIT_S, PlainPlacement, deploy_plain
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Device, dtype and GPU share for every MiniLM copy (stack replica, plain Serve, raw baseline).
+    On a CPU machine: cpu / float32 / 0 GPUs. On CUDA: device auto resolves to cuda, dtype as asked."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    num_gpus: float = 0.0
 
 
 def toml_table(values: dict[str, Any]) -> str:
@@ -21,11 +32,18 @@ def toml_table(values: dict[str, Any]) -> str:
     return "{ " + ", ".join(parts) + " }"
 
 
-def write_registry(path: Path) -> Path:
-    """minilm-l6 exactly as the default registry has it, plus the no-op model over the same package."""
+def write_registry(path: Path, hardware: Hardware) -> Path:
+    """minilm-l6 as the default registry has it (device, dtype and GPU share from ``hardware``), plus the
+    no-op model over the same package."""
     from serving.models.registry import load_registry
 
     minilm = next(spec for spec in load_registry() if spec.id == EMBED_MODEL)
+    minilm = replace(
+        minilm,
+        device=hardware.device,
+        dtype=hardware.dtype,
+        replicas=replace(minilm.replicas, num_gpus=hardware.num_gpus),
+    )
     source = toml_table(asdict(minilm.source))
     path.write_text(
         f"""[[models]]
@@ -57,10 +75,17 @@ class Stack:
     specs: list[Any]
     handles: dict[str, Any]
     plain: dict[str, Any]
+    plain_http: dict[str, str]  # model → URL of the plain Serve HTTP route (Serve's proxy)
     model_dir: Path
 
 
-def start_stack(tmp: Path) -> Stack:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_stack(tmp: Path, hardware: Hardware) -> Stack:
     import ray
 
     from serving.models.deployment import deploy_models
@@ -68,7 +93,7 @@ def start_stack(tmp: Path) -> Stack:
     from serving.models.sources import resolve_model_dir
     from serving.settings import Settings
 
-    registry = write_registry(tmp / "registry.toml")
+    registry = write_registry(tmp / "registry.toml", hardware)
     settings = Settings(
         data_dir=tmp,
         model_registry=registry,
@@ -87,13 +112,25 @@ def start_stack(tmp: Path) -> Stack:
         logging_level=logging.WARNING,
         log_to_driver=False,
     )
-    serve.start(proxy_location="Disabled")
+    # Serve's HTTP proxy on the head node serves only the plain-Serve HTTP rows; the gateway uses handles.
+    http_port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
     handles = deploy_models(specs, CACHE_DIR, APP_PREFIX)
+    noop_place = PlainPlacement(num_cpus=0.25)
+    minilm_place = PlainPlacement(0.5, hardware.num_gpus, hardware.device, hardware.dtype)
+    # Logical CPUs only (every replica runs 1 torch thread): the HTTP copies ask for 0.1 so that all
+    # replicas fit Ray's 2 logical CPUs on this machine (1.7 in all); they never run at the same time.
+    noop_http = replace(noop_place, num_cpus=0.1)
+    minilm_http = replace(minilm_place, num_cpus=0.1)
     plain = {
-        NOOP_MODEL: deploy_plain("plain-noop", model_dir, noop=True, num_cpus=0.25),
-        EMBED_MODEL: deploy_plain("plain-minilm", model_dir, noop=False, num_cpus=0.5),
+        NOOP_MODEL: deploy_plain("plain-noop", model_dir, True, noop_place),
+        EMBED_MODEL: deploy_plain("plain-minilm", model_dir, False, minilm_place),
+        f"{NOOP_MODEL}-http": deploy_plain("plain-http-noop", model_dir, True, noop_http, http=True),
+        f"{EMBED_MODEL}-http": deploy_plain("plain-http-minilm", model_dir, False, minilm_http, http=True),
     }
-    return Stack(tmp, settings, specs, handles, plain, model_dir)
+    base = f"http://127.0.0.1:{http_port}"
+    plain_http = {NOOP_MODEL: f"{base}/plain-http-noop", EMBED_MODEL: f"{base}/plain-http-minilm"}
+    return Stack(tmp, settings, specs, handles, plain, plain_http, model_dir)
 
 
 def describe_batching(stack: Stack) -> str:
@@ -160,8 +197,8 @@ def partner_key(store: Any, partner: str, plan: Any) -> tuple[str, str]:
     return partner_id, str(store.issue_key(partner_id))
 
 
-def unlimited_key(store: Any) -> str:
-    """A key on a plan without limits: rows A/B/A0/B0 measure the serving path, not quota."""
+def unlimited_key(store: Any, partner: str) -> str:
+    """A key on a plan without limits: rows A/B/A0/B0 and S measure the serving path, not quota."""
     from serving.plans import Plan
 
-    return partner_key(store, "bench", Plan(name="bench-unlimited"))[1]  # zero: unlimited
+    return partner_key(store, partner, Plan(name="bench-unlimited"))[1]  # zero: unlimited

@@ -1,8 +1,9 @@
 """Load generation in subprocesses (``bench.py --worker JOB``), so a measured server never shares its event
 loop (or its GIL) with the client that loads it.
 
-Two kinds of job: ``load`` (a ``serving.client.AsyncClient`` on one grpc.aio channel, ``concurrency``
-closed-loop callers of one-text Embed requests) and ``raw`` (the MiniLM runner alone, encoding batches).
+Three kinds of job: ``load`` (a ``serving.client.AsyncClient`` on one grpc.aio channel, ``concurrency``
+closed-loop callers of one-text Embed requests), ``http`` (an ``httpx.AsyncClient`` posting one text per
+request to plain Serve's HTTP proxy) and ``raw`` (the MiniLM runner alone, encoding batches).
 Each prints one ``RESULT {json}`` line that the parent reads back.
 """
 
@@ -31,6 +32,19 @@ async def load_worker(job: dict[str, Any]) -> LoadStats:
         return await drive(call, job["concurrency"], job["warmup_s"], job["duration_s"])
 
 
+async def http_worker(job: dict[str, Any]) -> LoadStats:
+    import httpx
+
+    limits = httpx.Limits(max_connections=job["concurrency"], max_keepalive_connections=job["concurrency"])
+    async with httpx.AsyncClient(limits=limits, timeout=60.0) as client:
+
+        async def call(index: int) -> None:
+            response = await client.post(job["url"], json={"text": SENTENCES[index % len(SENTENCES)]})
+            response.raise_for_status()
+
+        return await drive(call, job["concurrency"], job["warmup_s"], job["duration_s"])
+
+
 def raw_worker(job: dict[str, Any]) -> LoadStats:
     """The model alone, in this process: batches of ``batch`` texts, ``threads`` torch threads."""
     import torch
@@ -39,7 +53,7 @@ def raw_worker(job: dict[str, Any]) -> LoadStats:
 
     torch.set_num_threads(job["threads"])
     runner = EmbedRunner(max_input_tokens=256)
-    runner.setup(Path(job["model_dir"]), "cpu", "float32")
+    runner.setup(Path(job["model_dir"]), job["device"], job["dtype"])
     n, size = len(SENTENCES), job["batch"]
     batches = [[SENTENCES[(k + j) % n] for j in range(size)] for k in range(n)]
     start = time.perf_counter() + job["warmup_s"]
@@ -59,7 +73,12 @@ def raw_worker(job: dict[str, Any]) -> LoadStats:
 def run_worker(raw_job: str) -> None:
     """The body of a worker subprocess."""
     job = json.loads(raw_job)
-    stats = asyncio.run(load_worker(job)) if job["kind"] == "load" else raw_worker(job)
+    if job["kind"] == "load":
+        stats = asyncio.run(load_worker(job))
+    elif job["kind"] == "http":
+        stats = asyncio.run(http_worker(job))
+    else:
+        stats = raw_worker(job)
     print("RESULT " + json.dumps(asdict(stats)), flush=True)
 
 
@@ -96,10 +115,25 @@ async def grpc_run(key: str, label: str, unit: str, target: str, api_key: str, m
     return measurement(key, label, unit, await spawn_worker(job))
 
 
+async def http_run(key: str, label: str, url: str, cfg: Config) -> Measurement:
+    """``cfg.concurrency`` one-text POSTs to ``url`` (plain Serve's HTTP proxy), from a client subprocess."""
+    job = {
+        "kind": "http",
+        "url": url,
+        "concurrency": cfg.concurrency,
+        "warmup_s": cfg.warmup_s,
+        "duration_s": cfg.duration_s,
+    }
+    return measurement(key, label, "req/s", await spawn_worker(job))
+
+
 async def raw_run(key: str, model_dir: Path, threads: int, batch: int, cfg: Config) -> Measurement:
-    """The raw model in a subprocess: batches of ``batch`` texts on ``threads`` torch threads."""
+    """The raw model in a subprocess: batches of ``batch`` texts on ``threads`` torch threads, on the
+    configured device and dtype (``cfg.device``/``cfg.dtype``: CUDA and fp16/bf16 where present)."""
     job = {
         "kind": "raw",
+        "device": cfg.device,
+        "dtype": cfg.dtype,
         "model_dir": str(model_dir),
         "threads": threads,
         "batch": batch,

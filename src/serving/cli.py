@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
 import signal
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from serving.cli_admin import add_admin_commands
 from serving.models.registry import load_registry
+from serving.observability import access_log
 from serving.partners.keys import parse_key
 from serving.partners.store import PartnerStore
 from serving.settings import Settings, load_settings
@@ -83,6 +86,26 @@ Ctrl-C stops everything.
 """
 
 
+async def _start_billing(settings: Settings, http_port: int) -> tuple[asyncio.subprocess.Process | None, str]:
+    """``serving run`` starts the usage-billing service (services/billing) beside the gateway: it scrapes the
+    gateway's /metrics and reads the ledger. ``BILLING_*`` variables in the environment take precedence."""
+    defaults = {
+        "BILLING_DATA_DIR": str(settings.data_dir),
+        "BILLING_SCRAPE_TARGETS": f"http://{settings.http_host}:{http_port}/metrics",
+        "BILLING_LEDGER_DATABASE_URL": settings.ledger_db_url,
+        "BILLING_PARTNERS_DATABASE_URL": settings.partners_db_url,
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "billing.cli", "serve", env={**defaults, **os.environ}, stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    while line := await process.stdout.readline():  # billing's own readiness line
+        if line.startswith(b"READY "):
+            return process, str(json.loads(line[6:])["url"])
+    log.warning("the billing service did not start (exit code %s); the gateway runs without it", await process.wait())
+    return None, ""
+
+
 async def _serve_until_signal(
     settings: Settings, handles: dict[str, Any], store: PartnerStore, key: str | None
 ) -> None:
@@ -95,13 +118,20 @@ async def _serve_until_signal(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    billing, billing_url = await _start_billing(settings, gateway.http_port) if key is not None else (None, "")
     if key is not None:
         print(_banner(settings, gateway.grpc_port, gateway.http_port, key), flush=True)
+    if billing_url:
+        print(f"Usage billing: {billing_url}  (invoices: {billing_url}/v1/invoices · metrics: {billing_url}/metrics)")
     # One machine-readable line for scripts and tests that start a gateway on port 0.
     print("READY " + json.dumps({"grpc_port": gateway.grpc_port, "http_port": gateway.http_port}), flush=True)
     await stop.wait()
     log.info("stopping: draining in-flight requests (grace %.0f s)", settings.shutdown_grace_s)
     await gateway.stop()
+    if billing is not None:
+        with contextlib.suppress(ProcessLookupError):  # Ctrl-C reached its process group too: it may be gone
+            billing.terminate()
+        await billing.wait()
 
 
 def _ray_env() -> dict[str, Any]:
@@ -177,7 +207,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no code path may reach a model hub
     args = parser().parse_args(argv)
-    logging.basicConfig(level=load_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    access_log.configure(settings.access_log)
     args.func(args)
 
 

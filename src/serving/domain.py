@@ -112,6 +112,7 @@ class GenerateResult:
 @dataclass(frozen=True)
 class TextDelta:
     text: str
+    output_tokens: int = 0  # output tokens whose text has been sent, this piece included (what a stop now bills)
 
 
 StreamEvent = TextDelta | GenerateResult

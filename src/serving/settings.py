@@ -85,6 +85,11 @@ class Settings:
     admin_token: str | None = None
     gateway_id: str = "gateway-0"  # names this replica's usage journal; unique per replica sharing a data dir
     ledger_flush_interval_s: float = 0.05
+    replica_poll_interval_s: float = 5.0  # how often the gateway reads replica counts and generation load (metrics)
+    access_log: bool = True  # one JSON line per request on stderr (logger serving.access)
+    tracing_exporter: str = "off"  # OpenTelemetry: "off", "console" or "otlp" (gRPC, to otlp_endpoint)
+    otlp_endpoint: str | None = None  # e.g. http://otel-collector:4317; None: the exporter's default / OTEL_* env
+    trace_sample_ratio: float = 1.0  # share of new traces sampled; a partner's sampled traceparent is followed
     log_level: str = "INFO"
     limits: Limits = field(default_factory=Limits)
     batching: Batching = field(default_factory=Batching)
@@ -125,6 +130,12 @@ class Settings:
             raise SettingsError("batching needs max_batch_size >= 1 and max_wait_ms >= 0")
         if self.quota_failure_policy not in ("closed", "open"):
             raise SettingsError(f"quota_failure_policy must be 'closed' or 'open'; got {self.quota_failure_policy!r}")
+        if self.replica_poll_interval_s <= 0:
+            raise SettingsError("replica_poll_interval_s must be > 0")
+        if self.tracing_exporter not in ("off", "console", "otlp"):
+            raise SettingsError(f"tracing_exporter must be off, console or otlp; got {self.tracing_exporter!r}")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise SettingsError("trace_sample_ratio must be in 0..1")
         if not self.gateway_id or "/" in self.gateway_id:
             raise SettingsError("gateway_id must be a non-empty name without '/'")
         limits = self.limits

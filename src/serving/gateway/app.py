@@ -23,7 +23,7 @@ from serving.gateway.grpc import build_grpc_server
 from serving.gateway.http import build_http_app
 from serving.gateway.http_admin import admin_router
 from serving.gateway.http_common import HttpConfig
-from serving.gateway.router import ModelRoute, Router
+from serving.gateway.router import ModelRoute, Router, replica_counts
 from serving.metering.ledger import Ledger
 from serving.metering.usage import usage_by_day
 from serving.models.codec import TextCodec
@@ -31,6 +31,7 @@ from serving.models.deployment import models_ready
 from serving.models.registry import ModelSpec
 from serving.models.sources import resolve_model_dir
 from serving.observability.metrics import Metrics
+from serving.observability.tracing import build_tracing
 from serving.partners.auth import Authenticator
 from serving.partners.store import PartnerStore
 from serving.quota.admission import Admission
@@ -93,30 +94,65 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.tracing = build_tracing(
+            settings.tracing_exporter, settings.otlp_endpoint, settings.trace_sample_ratio, "serving-gateway"
+        )
         self.store = store
-        self.router = Router(build_routes(specs, handles, settings.models_cache), settings.batching)
+        self.router = Router(
+            build_routes(specs, handles, settings.models_cache), settings.batching, self.metrics, self.tracing
+        )
         self.quota = build_quota(settings, self.metrics)
         self.ledger = Ledger(
-            Database(settings.ledger_db_url), settings.journal_dir, flush_interval_s=settings.ledger_flush_interval_s
+            Database(settings.ledger_db_url),
+            settings.journal_dir,
+            flush_interval_s=settings.ledger_flush_interval_s,
+            observe_lag=self.metrics.ledger_write_lag.observe,
         )
+        self.metrics.bind_ledger_backlog(lambda: self.ledger.backlog)
         self.core = Core(
             Authenticator(store, settings.auth_cache_ttl_s),
             self.router,
             settings.limits,
             self.metrics,
-            Admission(self.quota, specs, settings.admission),
+            Admission(self.quota, specs, settings.admission, on_shed=self._count_shed),
             self.ledger,
             functools.partial(usage_by_day, self.ledger.db),
+            self.tracing,
         )
-        self.readiness = _Readiness([f"{settings.serve_app_name}-{spec.id}" for spec in specs])
+        self.app_names = {spec.id: f"{settings.serve_app_name}-{spec.id}" for spec in specs}
+        self.readiness = _Readiness(list(self.app_names.values()))
+        self._replica_task: asyncio.Task[None] | None = None
         self.grpc_port = 0
         self.http_port = 0
         self._grpc_server: Any = None  # a grpc.aio.Server; only the front doors import grpc
         self._http_server: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
 
+    def _count_shed(self, model: str, reason: str) -> None:
+        self.metrics.shed.labels(model, reason).inc()
+
+    async def poll_replicas(self) -> None:
+        """Exports model replica counts by state (a Serve controller call) and the generation replicas' running
+        and waiting sequences, every ``replica_poll_interval_s``."""
+        while True:
+            try:
+                self.metrics.set_replicas(await asyncio.to_thread(replica_counts, self.app_names))
+                await self._poll_generation_load()
+            except Exception:  # the controller or a replica is unreachable: keep the last values, try again later
+                log.warning("reading model replica state failed", exc_info=True)
+            await asyncio.sleep(self.settings.replica_poll_interval_s)
+
+    async def _poll_generation_load(self) -> None:
+        # One replica answers each call: exact with one replica per model, a sample of one replica with several.
+        for model, route in self.router.routes.items():
+            if route.spec.task is Task.GENERATE:
+                stats = await route.batch_stats()
+                self.metrics.running_sequences.labels(model).set(stats["running"])
+                self.metrics.waiting_sequences.labels(model).set(stats["waiting"])
+
     async def start(self) -> None:
         s = self.settings
+        self._replica_task = asyncio.create_task(self.poll_replicas())
         grpc_server, self.grpc_port = await build_grpc_server(
             self.core, s.grpc_host, s.grpc_port, s.limits.max_request_bytes
         )
@@ -146,6 +182,8 @@ class Gateway:
     async def stop(self) -> None:
         """Stop accepting; let in-flight requests finish within the grace period."""
         self.readiness.stopping = True
+        if self._replica_task is not None:
+            self._replica_task.cancel()
         grace = self.settings.shutdown_grace_s
         tasks = []
         if self._grpc_server is not None:
@@ -159,3 +197,4 @@ class Gateway:
         await asyncio.to_thread(self.ledger.close)
         self.ledger.db.close()
         await self.quota.close()
+        await asyncio.to_thread(self.tracing.shutdown)  # flushes spans still queued for export

@@ -96,7 +96,7 @@ def generate_response(result: GenerateResult) -> inference_pb2.GenerateResponse:
 
 def stream_event(event: StreamEvent) -> inference_pb2.GenerateStreamResponse:
     if isinstance(event, TextDelta):
-        return inference_pb2.GenerateStreamResponse(delta=event.text)
+        return inference_pb2.GenerateStreamResponse(delta=event.text, output_tokens=event.output_tokens)
     return inference_pb2.GenerateStreamResponse(final=generate_response(event))
 
 
@@ -181,7 +181,7 @@ def generate_result(msg: inference_pb2.GenerateResponse) -> GenerateResult:
 
 def stream_event_back(msg: inference_pb2.GenerateStreamResponse) -> StreamEvent:
     if msg.WhichOneof("event") == "delta":
-        return TextDelta(msg.delta)
+        return TextDelta(msg.delta, msg.output_tokens)
     return generate_result(msg.final)
 
 

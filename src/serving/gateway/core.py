@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+from opentelemetry.trace import Span
+
 from serving.domain import (
     Caller,
     ClassifyRequest,
@@ -34,14 +36,17 @@ from serving.gateway import validation
 from serving.gateway.router import ModelRoute, Router
 from serving.metering.record import UsageRecord
 from serving.metering.usage import UsageReport, UsageRow
-from serving.models.generate import GenerateItem, GenerateOutput
+from serving.models.sequence import GenerateItem, GenerateOutput
+from serving.observability import access_log
 from serving.observability.metrics import Metrics
+from serving.observability.tracing import Tracing
 from serving.partners.auth import Authenticator
 from serving.quota.admission import Admission
 from serving.quota.limiter import RateLimits, Reservation
 from serving.settings import Limits
 
 log = logging.getLogger("serving.gateway")
+access = logging.getLogger(access_log.ACCESS_LOGGER)
 T = TypeVar("T")
 
 
@@ -73,6 +78,8 @@ class CallContext:
     timeout_s: float | None = None
     peer: str | None = None
     meta: ResponseMeta = field(default_factory=ResponseMeta)
+    traceparent: str | None = None  # W3C trace context sent by the partner, continued by the request span
+    tracestate: str | None = None
 
 
 @dataclass
@@ -82,6 +89,7 @@ class _Call:
     operation: str
     model: str
     started: float = field(default_factory=time.time)
+    started_perf: float = field(default_factory=time.perf_counter)
     caller: Caller | None = None
     request_id: str = ""
     client_request_id: bool = False
@@ -92,12 +100,32 @@ class _Call:
     usage: Usage = field(default_factory=Usage)
     status: str = "ok"
     quota_reason: str = ""
+    peer: str | None = None
+    span: Span | None = None
     finished: bool = False
 
     def fail(self, exc: BaseException) -> None:
         self.status = _status(exc)
         if isinstance(exc, QuotaExceeded):
             self.quota_reason = exc.param or "quota"
+
+
+class _StreamPace:
+    """Time to first token and the gaps between streamed chunks, as the caller sees them."""
+
+    def __init__(self, metrics: Metrics, model: str, started: float) -> None:
+        self._first = metrics.time_to_first_token.labels(model)
+        self._gap = metrics.inter_token.labels(model)
+        self._last: float | None = None
+        self._started = started
+
+    def chunk(self) -> None:
+        now = time.perf_counter()
+        if self._last is None:
+            self._first.observe(now - self._started)
+        else:
+            self._gap.observe(now - self._last)
+        self._last = now
 
 
 class Core:
@@ -110,7 +138,9 @@ class Core:
         admission: Admission,
         ledger: UsageSink,
         usage: UsageSource,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing or Tracing.disabled()
         self._auth = authenticator
         self._router = router
         self._limits = limits
@@ -127,7 +157,7 @@ class Core:
             route = await self._prepare(call, ctx, req.request_id, Task.EMBED)
             tokens = validation.texts(req.texts, self._limits, route.codec, route.spec)
             await self._admit(call, ctx, tokens)
-            vectors = await self._bounded(route.infer(list(req.texts)), ctx)
+            vectors = await self._bounded(route.infer(list(req.texts), call.span), ctx)
             call.usage = Usage(input_tokens=tokens)
             return EmbedResult(req.model, vectors, call.usage, call.request_id)
         except BaseException as exc:
@@ -143,7 +173,7 @@ class Core:
             tokens = validation.texts(req.texts, self._limits, route.codec, route.spec)
             labels = validation.labels(req.labels, route.spec, self._limits)
             await self._admit(call, ctx, tokens)
-            results = await self._bounded(route.infer([(text, labels) for text in req.texts]), ctx)
+            results = await self._bounded(route.infer([(text, labels) for text in req.texts], call.span), ctx)
             call.usage = Usage(input_tokens=tokens)
             return ClassifyResult(req.model, results, call.usage, call.request_id)
         except BaseException as exc:
@@ -183,8 +213,9 @@ class Core:
     async def _stream(
         self, call: _Call, ctx: CallContext, route: ModelRoute, item: GenerateItem
     ) -> AsyncIterator[StreamEvent]:
-        sent: list[str] = []
+        sent_tokens = 0  # output tokens whose text the consumer has taken: what a stream that stops now is billed
         deadline = None if ctx.timeout_s is None else asyncio.get_running_loop().time() + ctx.timeout_s
+        pace = _StreamPace(self._metrics, call.model, call.started_perf)
         try:
             async with asyncio.timeout_at(deadline):
                 async for event in route.generate(item):
@@ -193,14 +224,16 @@ class Core:
                         await self._finish(call)  # recorded before the client can see the final event
                         yield GenerateResult(call.model, event.text, event.finish_reason, call.usage, call.request_id)
                         return
-                    sent.append(event)
-                    yield TextDelta(event)
+                    if event.text:
+                        pace.chunk()
+                        yield TextDelta(event.text, event.tokens)
+                    # Only now, resumed for more, do we know the consumer handed the chunk to its transport.
+                    sent_tokens = event.tokens
         except BaseException as exc:
             if call.finished:  # the final event was delivered; closing the stream afterwards changes nothing
                 raise
             call.fail(exc)
-            # Billed for what the client was sent.
-            call.usage = Usage(len(item.prompt_ids), sum(route.codec.count(["".join(sent)])) if sent else 0)
+            call.usage = Usage(len(item.prompt_ids), sent_tokens)
             if isinstance(exc, TimeoutError):
                 raise DeadlineExceeded("the request exceeded its deadline") from exc
             raise
@@ -244,15 +277,22 @@ class Core:
         return _Call(operation, model)
 
     async def _prepare(self, call: _Call, ctx: CallContext, request_id: str, task: Task) -> ModelRoute:
-        call.caller = self.authenticate(ctx)
-        call.request_id = ctx.meta.request_id = validation.request_id(request_id)
-        route = self._router.route(call.model, task)
-        if not call.caller.plan.allows_model(call.model):
-            raise PermissionDenied(f"your plan does not include model {call.model!r}", param="model")
-        call.client_request_id = bool(request_id)
-        return route
+        call.peer = ctx.peer
+        call.span = self._tracing.start_request(call.operation, call.model, ctx.traceparent, ctx.tracestate)
+        with self._tracing.stage("prepare", call.span):
+            call.caller = self.authenticate(ctx)
+            call.request_id = ctx.meta.request_id = validation.request_id(request_id)
+            route = self._router.route(call.model, task)
+            if not call.caller.plan.allows_model(call.model):
+                raise PermissionDenied(f"your plan does not include model {call.model!r}", param="model")
+            call.client_request_id = bool(request_id)
+            return route
 
     async def _admit(self, call: _Call, ctx: CallContext, tokens: int) -> None:
+        with self._tracing.stage("admit", call.span):
+            await self._admit_steps(call, ctx, tokens)
+
+    async def _admit_steps(self, call: _Call, ctx: CallContext, tokens: int) -> None:
         """Claims a client's request id, reserves quota and waits for a model slot. Only a request that
         gets through all three is admitted (metered); any other leaves no trace, so a retry can reuse its id."""
         caller = call.caller
@@ -325,6 +365,22 @@ class Core:
             )
             self._admission.settle_soon(call.reservation, call.usage.input_tokens + call.usage.output_tokens)
         self._observe(call, finished_at - call.started)
+        access_log.write(
+            access,
+            request_id=call.request_id,
+            partner_id=call.caller.partner_id if call.caller is not None else None,
+            model=call.model,
+            operation=call.operation,
+            status=call.status,
+            latency_s=finished_at - call.started,
+            queue_s=call.queue_s,
+            input_tokens=call.usage.input_tokens,
+            output_tokens=call.usage.output_tokens,
+            peer=call.peer,
+            finished_at=finished_at,
+        )
+        partner = call.caller.partner_id if call.caller is not None else None
+        self._tracing.end_request(call.span, call.status, partner, call.request_id)
 
     def _observe(self, call: _Call, elapsed: float) -> None:
         metrics = self._metrics
@@ -338,6 +394,8 @@ class Core:
             metrics.partner_requests.labels(partner, call.model, call.operation, call.status).inc()
             metrics.partner_tokens.labels(partner, call.model, "input").inc(call.usage.input_tokens)
             metrics.partner_tokens.labels(partner, call.model, "output").inc(call.usage.output_tokens)
+            if call.operation == "generate":
+                metrics.generated_tokens.labels(call.model).inc(call.usage.output_tokens)
         if call.quota_reason:
             metrics.quota_rejections.labels(call.model, call.quota_reason).inc()
 

@@ -99,11 +99,20 @@ def _peer_ip(peer: str) -> str | None:
 
 def _context(context: grpc.aio.ServicerContext) -> CallContext:
     api_key = None
+    trace: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
         if key == "authorization" and isinstance(value, str):
             scheme, _, token = value.partition(" ")
             api_key = token.strip() if scheme.lower() == "bearer" else None
-    return CallContext(api_key=api_key, timeout_s=context.time_remaining(), peer=_peer_ip(context.peer()))
+        elif key in ("traceparent", "tracestate") and isinstance(value, str):  # W3C trace context
+            trace[key] = value
+    return CallContext(
+        api_key=api_key,
+        timeout_s=context.time_remaining(),
+        peer=_peer_ip(context.peer()),
+        traceparent=trace.get("traceparent"),
+        tracestate=trace.get("tracestate"),
+    )
 
 
 class GrpcFrontDoor:

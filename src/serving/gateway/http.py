@@ -89,7 +89,8 @@ async def _native_events(stream: AsyncIterator[StreamEvent]) -> AsyncIterator[st
     try:
         async for event in stream:
             if isinstance(event, TextDelta):
-                yield f"event: delta\ndata: {json.dumps({'delta': event.text})}\n\n"
+                data = json.dumps({"delta": event.text, "output_tokens": event.output_tokens})
+                yield f"event: delta\ndata: {data}\n\n"
             else:
                 yield f"event: final\ndata: {_generate_reply(event).model_dump_json()}\n\n"
     except Exception as exc:  # headers are gone: the error travels as the last event

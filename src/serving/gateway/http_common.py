@@ -117,6 +117,8 @@ def call_context(request: Request, config: HttpConfig) -> CallContext:
         api_key=token.strip() if scheme.lower() == "bearer" else None,
         timeout_s=timeout,
         peer=request.client.host if request.client else None,
+        traceparent=request.headers.get("traceparent"),  # W3C trace context
+        tracestate=request.headers.get("tracestate"),
     )
     request.state.meta = ctx.meta
     return ctx

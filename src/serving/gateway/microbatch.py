@@ -5,6 +5,9 @@ event-loop turn (requests that arrived together travel together, an idle model w
 the pipeline is full, requests accumulate until a batch comes back, the batch reaches ``max_batch_size``
 items, or its oldest item has waited ``max_wait_s`` (a timer armed by the first item; never a fixed
 sleep). A request never straddles two batches, and one larger than the cap goes alone.
+
+Each submission may carry a ``link`` (an opaque tag, e.g. a tracing span context); with ``send_linked`` the
+batch is sent with the links of the requests it carries.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -22,6 +25,7 @@ Out = TypeVar("Out")
 class _Pending(Generic[In, Out]):
     items: list[In]
     future: asyncio.Future[list[Out]]
+    link: Any = None
 
 
 @dataclass
@@ -39,21 +43,24 @@ class MicroBatcher(Generic[In, Out]):
         max_batch_size: int,
         max_wait_s: float,
         max_inflight: int = 2,
+        *,
+        send_linked: Callable[[list[In], list[Any]], Awaitable[list[Out]]] | None = None,
     ) -> None:
         self._send = send
+        self._send_linked = send_linked
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._max_inflight = max_inflight
         self._open: _Batch[In, Out] = _Batch()
         self._inflight: set[asyncio.Task[None]] = set()
 
-    async def submit(self, items: list[In]) -> list[Out]:
+    async def submit(self, items: list[In], link: Any = None) -> list[Out]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Out]] = loop.create_future()
         if self._open.size + len(items) > self._max_batch_size and self._open.pending:
             self._flush()
         batch = self._open
-        batch.pending.append(_Pending(items, future))
+        batch.pending.append(_Pending(items, future, link))
         batch.size += len(items)
         if batch.size >= self._max_batch_size:
             self._flush()
@@ -87,7 +94,11 @@ class MicroBatcher(Generic[In, Out]):
         if not live:
             return
         try:
-            outputs = await self._send([item for p in live for item in p.items])
+            flat = [item for p in live for item in p.items]
+            if self._send_linked is not None:
+                outputs = await self._send_linked(flat, [p.link for p in live if p.link is not None])
+            else:
+                outputs = await self._send(flat)
         except BaseException as exc:  # every caller in the batch hears the failure
             for p in live:
                 if not p.future.done():

@@ -6,29 +6,36 @@ Embed and classify requests cross the Ray boundary in micro-batches; a generatio
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.trace import Span, SpanContext
 from ray import exceptions as ray_exceptions
+from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serving.domain import Task
-from serving.errors import InvalidInput, ModelNotFound, Overloaded, Unavailable
+from serving.errors import InvalidInput, ModelNotFound, Overloaded, ServingError, Unavailable
 from serving.gateway.microbatch import MicroBatcher
 from serving.models.codec import TextCodec
-from serving.models.generate import GenerateItem, GenerateOutput
 from serving.models.registry import ModelSpec
+from serving.models.sequence import GenerateItem, GenerateOutput, TextChunk
+from serving.observability.metrics import Metrics
+from serving.observability.tracing import Tracing
 from serving.settings import Batching
 
 
-def _translate(exc: Exception) -> Exception:
+def translate_ray_error(exc: Exception) -> Exception:
     """Ray failures → domain errors; a failure inside model code stays a bug (INTERNAL)."""
     if isinstance(exc, BackPressureError):
         return Overloaded("the model is at capacity; retry shortly", retry_after_s=1.0)
     if isinstance(exc, ray_exceptions.RayTaskError):
-        return exc
+        # A domain error raised by the replica (its waiting queue is full) keeps its meaning.
+        cause = getattr(exc, "cause", None)
+        return cause if isinstance(cause, ServingError) else exc
     if isinstance(exc, ray_exceptions.RayError):
         return Unavailable(f"the model is unavailable ({type(exc).__name__}); retry shortly", retry_after_s=1.0)
     return exc
@@ -41,20 +48,37 @@ class ModelRoute:
     handle: DeploymentHandle[Any]
     dimensions: int
     batcher: MicroBatcher[Any, Any] | None = None
+    metrics: Metrics | None = None
+    max_batch_size: int = 1
+    tracing: Tracing = field(default_factory=Tracing.disabled)
 
-    async def _call_batch(self, items: list[Any]) -> list[Any]:
+    async def _call_batch(self, items: list[Any], links: Sequence[SpanContext] = ()) -> list[Any]:
+        started = time.perf_counter()
+        span = self.tracing.start_batch(self.spec.id, len(items), links)
         try:
             return await self.handle.infer.remote(items)  # type: ignore[no-any-return]
         except Exception as exc:
-            raise _translate(exc) from exc
+            span.record_exception(exc)
+            raise translate_ray_error(exc) from exc
+        finally:
+            span.end()
+            if self.metrics is not None:
+                self.metrics.observe_batch(self.spec.id, len(items), self.max_batch_size, time.perf_counter() - started)
 
-    async def infer(self, items: list[Any]) -> list[Any]:
+    async def infer(self, items: list[Any], parent: Span | None = None) -> list[Any]:
+        """``parent``: the request's span; the Ray hop is its child, linked from the batch span."""
         assert self.batcher is not None
-        outputs: Any = await self.batcher.submit(items)
+        with self.tracing.stage("ray.infer", parent) as hop:
+            try:
+                outputs: Any = await self.batcher.submit(items, hop.get_span_context())
+            except Overloaded:  # the replicas refused the batch: counted once per request
+                if self.metrics is not None:
+                    self.metrics.shed.labels(self.spec.id, "backpressure").inc()
+                raise
         rows: list[Any] = outputs.tolist() if hasattr(outputs, "tolist") else outputs  # float32 rows → float lists
         return rows
 
-    async def generate(self, item: GenerateItem) -> AsyncIterator[str | GenerateOutput]:
+    async def generate(self, item: GenerateItem) -> AsyncIterator[TextChunk | GenerateOutput]:
         stream: Any = self.handle.options(stream=True).generate.remote(item)
         finished = False
         try:
@@ -62,7 +86,10 @@ class ModelRoute:
                 finished = isinstance(event, GenerateOutput)
                 yield event
         except Exception as exc:
-            raise _translate(exc) from exc
+            error = translate_ray_error(exc)
+            if isinstance(error, Overloaded) and self.metrics is not None:  # the replica's waiting queue is full
+                self.metrics.shed.labels(self.spec.id, "backpressure").inc()
+            raise error from exc
         finally:
             if not finished:
                 stream.cancel()  # frees the sequence's slot in the replica's batch
@@ -72,12 +99,27 @@ class ModelRoute:
 
 
 class Router:
-    def __init__(self, routes: dict[str, ModelRoute], batching: Batching) -> None:
+    def __init__(
+        self,
+        routes: dict[str, ModelRoute],
+        batching: Batching,
+        metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.routes = routes
+        if metrics is not None:
+            metrics.init_models(list(routes))
         for route in routes.values():
+            route.metrics = metrics
+            route.max_batch_size = batching.max_batch_size
+            route.tracing = tracing or Tracing.disabled()
             if route.spec.task is not Task.GENERATE:
                 route.batcher = MicroBatcher(
-                    route._call_batch, batching.max_batch_size, batching.max_wait_ms / 1000, batching.max_inflight
+                    route._call_batch,
+                    batching.max_batch_size,
+                    batching.max_wait_ms / 1000,
+                    batching.max_inflight,
+                    send_linked=route._call_batch,
                 )
 
     def route(self, model: str, task: Task) -> ModelRoute:
@@ -91,3 +133,19 @@ class Router:
                 f"model {model!r} is a {route.spec.task.value} model, not a {task.value} model", param="model"
             )
         return route
+
+
+def replica_counts(app_names: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Model id → replica state (lower case) → replicas, from the Serve controller; ``app_names`` maps each model
+    id to its Serve application name. A model whose application is missing counts no replicas."""
+    applications = serve.status().applications
+    counts: dict[str, dict[str, int]] = {}
+    for model, app_name in app_names.items():
+        states: dict[str, int] = {}
+        app = applications.get(app_name)
+        for deployment in app.deployments.values() if app is not None else ():
+            for state, replicas in deployment.replica_states.items():
+                key = str(getattr(state, "value", state)).lower()
+                states[key] = states.get(key, 0) + replicas
+        counts[model] = states
+    return counts

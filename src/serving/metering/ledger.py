@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from serving.metering.journal import Journal
@@ -27,9 +28,16 @@ log = logging.getLogger("serving.ledger")
 
 class Ledger:
     def __init__(
-        self, db: Database, journal_dir: Path, *, max_batch: int = 1000, flush_interval_s: float = 0.05
+        self,
+        db: Database,
+        journal_dir: Path,
+        *,
+        max_batch: int = 1000,
+        flush_interval_s: float = 0.05,
+        observe_lag: Callable[[float], None] | None = None,
     ) -> None:
         self.db = db
+        self._observe_lag = observe_lag  # seconds from a request's end to its record being stored
         migrate(db)
         self.journal = Journal(journal_dir)
         self._max_batch = max_batch
@@ -99,6 +107,10 @@ class Ledger:
                 time.sleep(1.0)
         self.written += len(batch)
         self.journal.stored([segment for segment, _ in batch])
+        if self._observe_lag is not None:
+            now = time.time()
+            for _, record in batch:
+                self._observe_lag(max(0.0, now - record.finished_at))
 
     def flush(self) -> None:
         """Blocks until every record queued so far is in the database."""

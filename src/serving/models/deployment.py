@@ -18,11 +18,12 @@ from ray.serve.handle import DeploymentHandle
 from serving.domain import Task
 from serving.models.classify import ZeroShotRunner
 from serving.models.embed import EmbedRunner
-from serving.models.engine import GenerationEngine
-from serving.models.generate import GenerateItem, GenerateOutput, GenerateRunner
+from serving.models.engine import EngineLimits, GenerationEngine
+from serving.models.generate import GenerateRunner
 from serving.models.noop import NoopRunner
 from serving.models.registry import ModelSpec
 from serving.models.runner import Runner, run_batch
+from serving.models.sequence import GenerateItem, GenerateOutput, TextChunk
 from serving.models.sources import resolve_model_dir
 from serving.models.stats import BatchStats
 
@@ -71,22 +72,22 @@ class BatchedModel:
 
 
 class GenerateModel:
-    """Generation replica: streams text deltas, then one GenerateOutput."""
+    """Generation replica (continuous batching): streams text chunks, then one GenerateOutput."""
 
     def __init__(self, spec: ModelSpec, cache_dir: str) -> None:
         self.runner = GenerateRunner()
         _setup(spec, cache_dir, self.runner)
         self.stats = BatchStats()
-        self.engine = GenerationEngine(
-            self.runner, spec.batching.max_batch_size, spec.batching.max_wait_ms / 1000, self.stats
-        )
+        batching = spec.batching
+        limits = EngineLimits(batching.max_batch_size, batching.max_waiting, batching.max_prefill_tokens)
+        self.engine = GenerationEngine(self.runner, limits, self.stats)
 
-    async def generate(self, item: GenerateItem) -> AsyncIterator[str | GenerateOutput]:
+    async def generate(self, item: GenerateItem) -> AsyncIterator[TextChunk | GenerateOutput]:
         async for event in self.engine.stream(item):
             yield event
 
     def batch_stats(self) -> dict[str, object]:
-        return self.stats.snapshot()
+        return {**self.stats.snapshot(), "running": self.engine.running, "waiting": self.engine.waiting}
 
 
 def build_application(spec: ModelSpec, cache_dir: Path) -> serve.Application:

@@ -1,52 +1,24 @@
-"""Text generation: a batched decode loop with per-sequence sampling, stop strings and streaming.
+"""Text generation with continuous (iteration-level) batching: per-sequence sampling, stop strings, streaming.
 
-Static batching: the batch is formed once and decoded until every sequence ends; a sequence that is
-cancelled or finished stops producing output at once (its row idles until the batch ends).
+Between decode steps, cancelled and finished sequences leave the running batch and waiting ones join it
+(their prompts are prefilled together, then their KV rows are merged into the batch's cache). See
+docs/decisions/0006-continuous-batching.md for why this is our own loop rather than transformers'
+continuous-batching manager.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from serving.domain import FinishReason, SamplingParams
+from serving.domain import FinishReason
+from serving.models.kvbatch import RunningBatch
 from serving.models.runner import resolve_device, resolve_dtype
+from serving.models.sequence import GenerateItem, GenerateOutput, Sequence
 
-
-@dataclass(frozen=True)
-class GenerateItem:
-    prompt_ids: list[int]
-    params: SamplingParams
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request's state inside the decode loop; the engine reads it from another thread."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator | None
-    on_delta: Callable[[str], None] = lambda _text: None
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-    finish_reason: FinishReason | None = None
-    cancelled: bool = False
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass(frozen=True)
-class GenerateOutput:
-    text: str
-    finish_reason: FinishReason
-    output_tokens: int
+__all__ = ["GenerateItem", "GenerateOutput", "GenerateRunner", "Sequence"]
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -86,10 +58,8 @@ class GenerateRunner:
                 generator.seed()
         return Sequence(prompt_ids=list(item.prompt_ids), params=item.params, generator=generator)
 
-    def _choose(self, logits: torch.Tensor, seq: Sequence) -> int:
+    def _sample(self, logits: torch.Tensor, seq: Sequence) -> int:
         params = seq.params
-        if params.temperature <= 0 or seq.generator is None:
-            return int(torch.argmax(logits).item())
         probs = torch.softmax(logits.float() / params.temperature, dim=-1)
         if params.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
@@ -112,49 +82,64 @@ class GenerateRunner:
         if len(seq.generated) >= seq.params.max_tokens:
             self._finish(seq, FinishReason.LENGTH, len(seq.text))
             return
-        safe = len(seq.text) - _held_back(seq.text, seq.params.stop)
-        if safe > seq.emitted:
-            seq.on_delta(seq.text[seq.emitted : safe])
-            seq.emitted = safe
+        held = _held_back(seq.text, seq.params.stop)
+        seq.emit(len(seq.text) - held, whole=held == 0)
 
     def _finish(self, seq: Sequence, reason: FinishReason, end: int) -> None:
         seq.text = seq.text[:end]
-        if end > seq.emitted:
-            seq.on_delta(seq.text[seq.emitted : end])
-            seq.emitted = end
+        seq.emit(end, whole=True)
         seq.finish_reason = reason
 
     @torch.inference_mode()
-    def predict(self, batch: list[Sequence]) -> list[Sequence]:
-        width = max(len(seq.prompt_ids) for seq in batch)
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, seq in enumerate(batch):  # left padding keeps every sequence's next token in the last column
-            ids[row, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
-            mask[row, width - len(seq.prompt_ids) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        step_input = ids
-        while True:
-            out = self.model(input_ids=step_input, attention_mask=mask, position_ids=positions, past_key_values=cache)
-            logits = out.logits[:, -1, :]
-            next_tokens = []
-            for row, seq in enumerate(batch):
-                if seq.cancelled and not seq.done:
-                    seq.finish_reason = FinishReason.CANCELLED
-                if seq.done:
-                    next_tokens.append(self.pad_id)
-                    continue
-                token = self._choose(logits[row], seq)
-                self._advance(seq, token)
-                next_tokens.append(token)
-            if all(seq.done for seq in batch):
-                return batch
-            step_input = torch.tensor(next_tokens, device=self.device).unsqueeze(1)
-            mask = torch.cat([mask, torch.ones_like(step_input)], dim=1)
-            positions = positions[:, -1:] + 1
+    def step(self, batch: RunningBatch, joining: list[Sequence]) -> list[Sequence]:
+        """One iteration of continuous batching: drop cancelled rows, prefill the joining sequences (each gets
+        its first token), then one decode step for every running row. Returns the sequences that finished."""
+        finished = [seq for seq in batch.seqs if seq.cancelled and not seq.done]
+        for seq in finished:
+            seq.finish_reason = FinishReason.CANCELLED
+        self._drop_done(batch)
+        joining = [seq for seq in joining if not seq.cancelled]
+        if joining:
+            finished.extend(seq for seq in self._prefill(batch, joining) if seq.done)
+        if batch.seqs:
+            logits = self.model(
+                input_ids=batch.last.unsqueeze(1),
+                attention_mask=torch.cat([batch.mask, torch.ones_like(batch.last).unsqueeze(1)], dim=1),
+                position_ids=batch.positions.unsqueeze(1),
+                past_key_values=batch.cache,
+            ).logits[:, -1, :]
+            batch.mask = torch.cat([batch.mask, torch.ones_like(batch.last).unsqueeze(1)], dim=1)
+            batch.positions = batch.positions + 1
+            batch.last = self._next_tokens(logits, batch.seqs)
+            finished.extend(seq for seq in batch.seqs if seq.done)
+            self._drop_done(batch)
+        return finished
 
-    def postprocess(self, seq: Sequence) -> GenerateOutput:
-        assert seq.finish_reason is not None
-        return GenerateOutput(text=seq.text, finish_reason=seq.finish_reason, output_tokens=len(seq.generated))
+    def _prefill(self, batch: RunningBatch, seqs: list[Sequence]) -> list[Sequence]:
+        """Runs each prompt on its own (no padding to compute, and the same numbers whatever else is joining),
+        picks every first token, then joins the sequences that did not end on it."""
+        caches: list[DynamicCache] = []
+        logits: list[torch.Tensor] = []
+        for seq in seqs:
+            cache = DynamicCache()
+            ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
+            out = self.model(input_ids=ids, past_key_values=cache, logits_to_keep=1)  # only the last position
+            caches.append(cache)
+            logits.append(out.logits[:, -1, :])
+        last = self._next_tokens(torch.cat(logits), seqs)
+        alive = [row for row, seq in enumerate(seqs) if not seq.done]
+        batch.join([seqs[row] for row in alive], [caches[row] for row in alive], last[alive])
+        return seqs
+
+    def _next_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        greedy = logits.argmax(-1).tolist()
+        tokens = []
+        for row, seq in enumerate(seqs):
+            token = greedy[row] if seq.generator is None else self._sample(logits[row], seq)
+            self._advance(seq, token)
+            tokens.append(token)
+        return torch.tensor(tokens, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def _drop_done(batch: RunningBatch) -> None:
+        batch.keep([row for row, seq in enumerate(batch.seqs) if not seq.done])

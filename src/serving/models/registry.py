@@ -26,8 +26,10 @@ class Source:
 
 @dataclass(frozen=True)
 class ModelBatching:
-    max_batch_size: int = 32
-    max_wait_ms: float = 5.0
+    max_batch_size: int = 32  # generation: rows in the running (continuous) batch
+    max_wait_ms: float = 5.0  # encoders only: how long a replica batch waits to fill
+    max_waiting: int = 64  # generation: requests queued at a replica beyond the running rows, then 503
+    max_prefill_tokens: int = 2048  # generation: prompt tokens admitted into one step
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,77 @@
 """Every Prometheus metric the gateway exports, declared once on a registry the gateway owns.
 
-Labels stay bounded (model, operation, status); partner ids appear only on the usage counters that
-billing reads.
+Labels stay bounded (model, operation, status, reason, state: closed sets); partner ids appear only on the
+usage counters that billing reads. ``docs/metrics.md`` is generated from this class
+(``scripts/metrics_doc.py``); the billing service's own metrics are listed there too (``BILLING_METRICS``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_FILL_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+_LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+# The closed label sets (bounded cardinality).
+SHED_REASONS = ("queue_full", "queue_timeout", "backpressure")
+REPLICA_STATES = ("running", "starting", "updating", "recovering", "stopping")
+QUOTA_REASONS = ("requests", "tokens", "tokens_request", "concurrency", "monthly_tokens")  # quota.limiter.exceeded
+
+# Read at scrape time by GpuCollector, only where CUDA exists: (name, type, help, labels).
+GPU_METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("serving_gpu_utilization_ratio", "gauge", "GPU busy time over the last sample period (0-1).", ("device",)),
+    ("serving_gpu_memory_used_bytes", "gauge", "GPU memory in use.", ("device",)),
+    ("serving_gpu_memory_total_bytes", "gauge", "GPU memory in total.", ("device",)),
+)
+
+# Exported by services/billing (its own registry, billing/metrics.py); listed here so that the catalogue has one
+# place. Keep in step with that file.
+BILLING_METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    (
+        "billing_scrapes_total",
+        "counter",
+        "Reads of usage counters, by source (a gateway /metrics URL or the Prometheus API) and result.",
+        ("source", "result"),
+    ),
+    (
+        "billing_last_successful_scrape_timestamp_seconds",
+        "gauge",
+        "When each source was last read successfully (Unix time).",
+        ("source",),
+    ),
+    (
+        "billing_reconciliation_drift_tokens",
+        "gauge",
+        "Tokens derived from counters minus tokens in the ledger, last reconciled period, per partner.",
+        ("partner",),
+    ),
+    (
+        "billing_reconciliation_drift_ratio",
+        "gauge",
+        "|counter tokens - ledger tokens| / ledger tokens, last reconciled period, per partner.",
+        ("partner",),
+    ),
+    (
+        "billing_invoices_needing_review",
+        "gauge",
+        "Closed invoices marked needs_review because reconciliation drift exceeded the threshold.",
+        (),
+    ),
+    (
+        "billing_invoices_closed_total",
+        "counter",
+        "Invoices written by closing a period (a repeated close writes none).",
+        (),
+    ),
+)
 
 
 class Metrics:
@@ -64,5 +127,142 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Streaming generation, observed at the gateway (what the partner sees) and polled from the replicas.
+        self.time_to_first_token = Histogram(
+            "serving_generation_time_to_first_token_seconds",
+            "Time from admission to the first generated text sent to the caller.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inter_token = Histogram(
+            "serving_generation_inter_token_seconds",
+            "Time between consecutive streamed chunks of one generation.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "serving_generation_output_tokens_total",
+            "Output tokens generated and sent to callers (rate() gives tokens per second).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.running_sequences = Gauge(
+            "serving_generation_running_sequences",
+            "Sequences decoding in the model replicas' running batches.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.waiting_sequences = Gauge(
+            "serving_generation_waiting_sequences",
+            "Sequences accepted by the model replicas and waiting for a batch slot.",
+            ["model"],
+            registry=self.registry,
+        )
+
+        # Batching and model execution, observed at the gateway around each call across the Ray boundary.
+        self.batch_size = Histogram(
+            "serving_batch_size_items",
+            "Items in each gateway micro-batch sent to a model deployment (embed, classify).",
+            ["model"],
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_fill = Histogram(
+            "serving_batch_fill_ratio",
+            "Items in each gateway micro-batch over the batch size cap (1 = a full batch).",
+            ["model"],
+            buckets=_FILL_BUCKETS,
+            registry=self.registry,
+        )
+        self.model_execution = Histogram(
+            "serving_model_execution_seconds",
+            "Time of each micro-batch call to an embed/classify deployment as the gateway sees it: the Ray hop, "
+            "replica batching and the model run.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.shed = Counter(
+            "serving_shed_requests_total",
+            "Admitted requests turned away because the model was saturated (503), by reason: queue_full (the "
+            "partner's fair-queue share is full), queue_timeout (waited too long for a slot), backpressure "
+            "(the model replicas refused).",
+            ["model", "reason"],
+            registry=self.registry,
+        )
+        self.model_replicas = Gauge(
+            "serving_model_replicas",
+            "Replicas of each model deployment by state, as the Serve controller reports them (polled).",
+            ["model", "state"],
+            registry=self.registry,
+        )
+
+        # The usage ledger (one writer thread per gateway).
+        self.ledger_backlog = Gauge(
+            "serving_ledger_backlog_records",
+            "Usage records journaled and not yet written to the ledger database.",
+            registry=self.registry,
+        )
+        self.ledger_write_lag = Histogram(
+            "serving_ledger_write_lag_seconds",
+            "Time from a request's end to its usage record being stored in the ledger database.",
+            buckets=_LAG_BUCKETS,
+            registry=self.registry,
+        )
+        if _cuda_available():
+            self.registry.register(GpuCollector())
+
+    def init_models(self, models: list[str]) -> None:
+        """Creates every model's reason series at zero, so that rate() and alerts see them before the first event."""
+        for model in models:
+            for reason in SHED_REASONS:
+                self.shed.labels(model, reason)
+            for reason in QUOTA_REASONS:
+                self.quota_rejections.labels(model, reason)
+
+    def bind_ledger_backlog(self, backlog: Callable[[], float]) -> None:
+        """Reads the backlog at scrape time."""
+        self.ledger_backlog.set_function(backlog)
+
+    def observe_batch(self, model: str, items: int, max_batch_size: int, seconds: float) -> None:
+        self.batch_size.labels(model).observe(items)
+        self.batch_fill.labels(model).observe(min(1.0, items / max_batch_size))
+        self.model_execution.labels(model).observe(seconds)
+
+    def set_replicas(self, counts: dict[str, dict[str, int]]) -> None:
+        """``counts``: model id → state → replicas; states outside ``REPLICA_STATES`` are not exported."""
+        for model, states in counts.items():
+            for state in REPLICA_STATES:
+                self.model_replicas.labels(model, state).set(states.get(state, 0))
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _cuda_available() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+class GpuCollector(Collector):
+    """GPU utilization and memory of this process's devices, read at scrape time (only when CUDA exists)."""
+
+    def collect(self) -> Iterator[Metric]:
+        import torch
+
+        utilization, used, total = (
+            GaugeMetricFamily(name, doc, labels=list(labels)) for name, _, doc, labels in GPU_METRICS
+        )
+        for index in range(torch.cuda.device_count()):
+            device = str(index)
+            free_bytes, total_bytes = torch.cuda.mem_get_info(index)
+            used.add_metric([device], total_bytes - free_bytes)
+            total.add_metric([device], total_bytes)
+            with contextlib.suppress(ModuleNotFoundError, RuntimeError):  # needs NVML; memory is still reported
+                utilization.add_metric([device], torch.cuda.utilization(index) / 100)
+        yield from (utilization, used, total)

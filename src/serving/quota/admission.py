@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 
 from serving.domain import Caller
+from serving.errors import Overloaded
 from serving.models.registry import ModelSpec
 from serving.quota.fairqueue import FairQueue
 from serving.quota.limiter import QuotaBackend, Reservation
@@ -13,8 +15,15 @@ from serving.settings import Admission as AdmissionSettings
 
 
 class Admission:
-    def __init__(self, quota: QuotaBackend, specs: list[ModelSpec], settings: AdmissionSettings) -> None:
+    def __init__(
+        self,
+        quota: QuotaBackend,
+        specs: list[ModelSpec],
+        settings: AdmissionSettings,
+        on_shed: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.quota = quota
+        self._on_shed = on_shed  # (model, reason) for each request the fair queue turns away
         self._settling: set[asyncio.Task[None]] = set()
         self.queues = {
             spec.id: FairQueue(
@@ -44,7 +53,12 @@ class Admission:
         await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def enter(self, model: str, caller: Caller) -> None:
-        await self.queues[model].acquire(caller.partner_id, caller.plan.weight)
+        try:
+            await self.queues[model].acquire(caller.partner_id, caller.plan.weight)
+        except Overloaded as exc:
+            if self._on_shed is not None:
+                self._on_shed(model, "queue_timeout" if isinstance(exc.__cause__, TimeoutError) else "queue_full")
+            raise
 
     def leave(self, model: str) -> None:
         self.queues[model].release()

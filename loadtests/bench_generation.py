@@ -1,0 +1,225 @@
+"""Continuous batching vs static batching with HF ``generate``, side by side in one process, one run.
+
+32 closed-loop streams (each sends its next request when the last one ends) with mixed prompt and output
+lengths drive (a) our continuous-batching engine and (b) a static batcher that takes whatever is waiting (up
+to 32), runs ``model.generate`` until the longest request in the batch is done, then answers them all. Both
+use the same model, threads, greedy decoding and max_tokens per request. Prints useful output tokens per
+second for each and their ratio, and time to first token p50 under load ÷ alone.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python loadtests/bench_generation.py [--streams 32] [--requests 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serving.domain import SamplingParams
+from serving.models.engine import EngineLimits, GenerationEngine
+from serving.models.generate import GenerateRunner
+from serving.models.registry import load_registry
+from serving.models.sequence import GenerateItem, GenerateOutput
+from serving.models.sources import resolve_model_dir
+from serving.models.stats import BatchStats
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m-instruct"
+OUTPUT_LENGTHS = (16, 32, 64, 128)
+TOPICS = ("the sea", "a violin", "winter", "bread", "a lighthouse", "trains", "bees", "a library", "rivers")
+
+
+@dataclass(frozen=True)
+class Result:
+    tokens: int
+    ttft_s: float
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str
+    tokens: int
+    seconds: float
+    ttfts: list[float]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def workload(runner: GenerateRunner, n: int) -> list[GenerateItem]:
+    """Mixed prompts (one to twelve sentences of context) and output caps (16 to 128 tokens)."""
+    items = []
+    for i in range(n):
+        context = " ".join(f"Note {j}: {TOPICS[(i + j) % len(TOPICS)]} matters." for j in range(1 + (i * 5) % 12))
+        messages = [{"role": "user", "content": f"{context} Write a long story about {TOPICS[i % len(TOPICS)]}."}]
+        prompt: Any = runner.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = prompt if isinstance(prompt, list) else prompt["input_ids"]
+        params = SamplingParams(max_tokens=OUTPUT_LENGTHS[(i * 7) % len(OUTPUT_LENGTHS)], temperature=0.0)
+        items.append(GenerateItem(list(ids), params))
+    return items
+
+
+class StaticBatcher:
+    """Static batching as HF ``generate`` allows it: a batch is formed, decoded to its longest member, answered."""
+
+    def __init__(self, runner: GenerateRunner, max_batch: int) -> None:
+        self._runner = runner
+        self._max_batch = max_batch
+        self._waiting: asyncio.Queue[tuple[GenerateItem, asyncio.Future[int]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, item: GenerateItem) -> int:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        await self._waiting.put((item, done))
+        return await done
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._waiting.get()]
+            while len(batch) < self._max_batch and not self._waiting.empty():
+                batch.append(self._waiting.get_nowait())
+            counts = await asyncio.to_thread(self._generate, [item for item, _ in batch])
+            for (_, done), count in zip(batch, counts, strict=True):
+                done.set_result(count)
+
+    @torch.inference_mode()
+    def _generate(self, items: list[GenerateItem]) -> list[int]:
+        runner = self._runner
+        width = max(len(item.prompt_ids) for item in items)
+        ids = torch.full((len(items), width), runner.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, item in enumerate(items):
+            ids[row, width - len(item.prompt_ids) :] = torch.tensor(item.prompt_ids)
+            mask[row, width - len(item.prompt_ids) :] = 1
+        model: Any = runner.model
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max(item.params.max_tokens for item in items),
+            do_sample=False,
+            pad_token_id=runner.pad_id,
+        )
+        counts = []
+        for row, item in enumerate(items):
+            useful = 0  # tokens up to this request's own cap or its end of sequence
+            for token in out[row, width:].tolist()[: item.params.max_tokens]:
+                if token in runner.eos_ids:
+                    break
+                useful += 1
+            counts.append(useful)
+        return counts
+
+
+class HfContinuous:
+    """transformers' own continuous-batching manager (paged attention), for the decision record's comparison."""
+
+    def __init__(self, runner: GenerateRunner) -> None:
+        from transformers import GenerationConfig
+
+        model: Any = runner.model
+        config = GenerationConfig(  # type: ignore[no-untyped-call]
+            do_sample=False, max_new_tokens=max(OUTPUT_LENGTHS), pad_token_id=runner.pad_id
+        )
+        config.eos_token_id = sorted(runner.eos_ids)
+        self._manager = model.init_continuous_batching(generation_config=config)
+        self._manager.start()
+        self._eos = runner.eos_ids
+
+    async def once(self, item: GenerateItem) -> Result:
+        started = time.perf_counter()
+        done: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        request_id = uuid.uuid4().hex
+
+        def on_output(output: Any) -> None:
+            if output.is_finished() and not done.done():
+                done.set_result(list(output.generated_tokens))
+
+        self._manager.register_result_handler(request_id, on_output)
+        self._manager.add_request(item.prompt_ids, request_id=request_id, max_new_tokens=item.params.max_tokens)
+        tokens = [token for token in await done if token not in self._eos]
+        return Result(len(tokens), time.perf_counter() - started)  # run without streaming: TTFT not comparable
+
+    def stop(self) -> None:
+        self._manager.stop(block=True)
+
+
+async def stream_once(engine: GenerationEngine, item: GenerateItem) -> Result:
+    started = time.perf_counter()
+    first = 0.0
+    async for event in engine.stream(item):
+        if not first:
+            first = time.perf_counter() - started
+        if isinstance(event, GenerateOutput):
+            return Result(event.output_tokens, first)
+    raise AssertionError("no final event")
+
+
+async def static_once(batcher: StaticBatcher, item: GenerateItem) -> Result:
+    started = time.perf_counter()
+    tokens = await batcher.submit(item)
+    return Result(tokens, time.perf_counter() - started)  # nothing streams: the first token arrives with the last
+
+
+async def drive(
+    label: str, call: Callable[[GenerateItem], Awaitable[Result]], items: list[GenerateItem], streams: int
+) -> Run:
+    queue = list(reversed(items))
+    results: list[Result] = []
+
+    async def client() -> None:
+        while queue:
+            results.append(await call(queue.pop()))
+
+    started = time.perf_counter()
+    await asyncio.gather(*[client() for _ in range(streams)])
+    seconds = time.perf_counter() - started
+    return Run(label, sum(r.tokens for r in results), seconds, [r.ttft_s for r in results])
+
+
+async def main(streams: int, requests: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    spec = next(s for s in load_registry() if s.id == MODEL)
+    runner = GenerateRunner()
+    runner.setup(resolve_model_dir(spec, ROOT / ".cache" / "models"), "cpu", "float32")
+    items = workload(runner, requests)
+    engine = GenerationEngine(runner, EngineLimits(streams, 2 * streams, 4096), BatchStats())
+    await stream_once(engine, items[0])  # warm-up
+    alone = [await stream_once(engine, item) for item in items[:8]]
+    continuous = await drive("continuous batching (ours)", lambda item: stream_once(engine, item), items, streams)
+    batcher = StaticBatcher(runner, streams)
+    static = await drive("static batching, HF generate", lambda item: static_once(batcher, item), items, streams)
+    hf = HfContinuous(runner)  # last: it switches the model to paged attention
+    hf_run = await drive("HF continuous batching", hf.once, items, streams)
+    hf.stop()
+    print(f"\n{streams} concurrent streams, {requests} requests, outputs {OUTPUT_LENGTHS} tokens, {threads} threads")
+    print(f"{'mode':32} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'TTFT p50':>9}")
+    for run in (continuous, static, hf_run):
+        ttft = statistics.median(run.ttfts)
+        print(f"{run.label:32} {run.tokens:7d} {run.seconds:8.1f} {run.tokens_per_s:9.1f} {ttft:8.3f}s")
+    print(f"ours ÷ HF continuous batching, tokens/s: {continuous.tokens_per_s / hf_run.tokens_per_s:.2f}")
+    alone_ttft = statistics.median(r.ttft_s for r in alone)
+    print(
+        f"\ncontinuous ÷ static, tokens/s:           {continuous.tokens_per_s / static.tokens_per_s:.2f}  (target ≥ 2)"
+    )
+    print(f"TTFT p50 under load ÷ alone (continuous): {statistics.median(continuous.ttfts) / alone_ttft:.2f}"
+          f"  ({statistics.median(continuous.ttfts) * 1000:.0f} ms ÷ {alone_ttft * 1000:.0f} ms)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    asyncio.run(main(args.streams, args.requests, args.threads))

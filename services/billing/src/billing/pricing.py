@@ -1,0 +1,144 @@
+"""Price books: prices per plan and model, plan terms (free monthly allowance, minimum commitment), all
+with effective dates. Money is ``Decimal`` from strings, never a float.
+
+A price book is TOML::
+
+    currency = "USD"
+
+    [[terms]]                        # per plan ("*": every plan); the latest effective at the period start applies
+    plan = "standard"
+    effective_from = 2026-01-01T00:00:00Z
+    monthly_allowance = "5.00"       # credits taken off each monthly invoice
+    minimum_commitment = "0"         # a monthly invoice is never below this
+
+    [[price]]                        # per plan and model ("*" matches any); the most specific match wins,
+    plan = "*"                       # then the latest effective_from at or before the usage time
+    model = "minilm-l6"
+    effective_from = 2026-01-01T00:00:00Z
+    input_per_1k = "0.0200"          # per 1,000 input tokens
+    output_per_1k = "0"              # per 1,000 output tokens
+    per_request = "0.0001"           # per request
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+UNIT_PRICES = MappingProxyType(
+    {"input_tokens": "input_per_1k", "output_tokens": "output_per_1k", "requests": "per_request"}
+)
+UNIT_SIZE = MappingProxyType({"input_tokens": Decimal(1000), "output_tokens": Decimal(1000), "requests": Decimal(1)})
+
+
+class PricingError(ValueError):
+    """A price book that cannot be used, or usage that no price covers."""
+
+
+@dataclass(frozen=True)
+class Price:
+    plan: str
+    model: str
+    effective_from: float
+    input_per_1k: Decimal
+    output_per_1k: Decimal
+    per_request: Decimal
+
+    def unit_price(self, unit: str) -> Decimal:
+        value: Decimal = getattr(self, UNIT_PRICES[unit])
+        return value
+
+
+@dataclass(frozen=True)
+class Terms:
+    plan: str
+    effective_from: float
+    monthly_allowance: Decimal = Decimal(0)
+    minimum_commitment: Decimal = Decimal(0)
+
+
+def _money(where: str, raw: Any) -> Decimal:
+    if not isinstance(raw, str):
+        raise PricingError(f"{where}: money must be a quoted decimal string, not {type(raw).__name__} {raw!r}")
+    try:
+        value = Decimal(raw)
+    except InvalidOperation as exc:
+        raise PricingError(f"{where}: not a decimal: {raw!r}") from exc
+    if not value.is_finite() or value < 0:
+        raise PricingError(f"{where}: must be a finite amount >= 0: {raw!r}")
+    return value
+
+
+def _when(where: str, raw: Any) -> float:
+    if not isinstance(raw, datetime) or raw.tzinfo is None:
+        raise PricingError(f"{where}: effective_from must be a TOML date-time with an offset (e.g. ...Z)")
+    return raw.timestamp()
+
+
+class PriceBook:
+    def __init__(self, currency: str, prices: list[Price], terms: list[Terms]) -> None:
+        self.currency = currency
+        self.prices = prices
+        self.terms = terms
+
+    @classmethod
+    def parse(cls, text: str) -> PriceBook:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PricingError(f"price book is not valid TOML: {exc}") from exc
+        prices = []
+        for i, entry in enumerate(data.get("price", [])):
+            where = f"price[{i}]"
+            prices.append(
+                Price(
+                    plan=str(entry.get("plan", "*")),
+                    model=str(entry.get("model", "*")),
+                    effective_from=_when(where, entry.get("effective_from")),
+                    **{field: _money(f"{where}.{field}", entry.get(field, "0")) for field in UNIT_PRICES.values()},
+                )
+            )
+        terms = [
+            Terms(
+                plan=str(entry.get("plan", "*")),
+                effective_from=_when(f"terms[{i}]", entry.get("effective_from")),
+                monthly_allowance=_money(f"terms[{i}].monthly_allowance", entry.get("monthly_allowance", "0")),
+                minimum_commitment=_money(f"terms[{i}].minimum_commitment", entry.get("minimum_commitment", "0")),
+            )
+            for i, entry in enumerate(data.get("terms", []))
+        ]
+        return cls(str(data.get("currency", "USD")), prices, terms)
+
+    @classmethod
+    def load(cls, path: Path | None) -> PriceBook:
+        """The TOML file at ``path``; None: the book shipped with the package."""
+        if path is None:
+            return cls.parse(resources.files("billing").joinpath("pricebook.toml").read_text())
+        return cls.parse(path.read_text())
+
+    def price(self, plan: str, model: str, at: float) -> Price:
+        """The price for usage at ``at``: the most specific (plan, model) match, then the latest effective."""
+        for want_plan, want_model in ((plan, model), (plan, "*"), ("*", model), ("*", "*")):
+            effective = [
+                p for p in self.prices if p.plan == want_plan and p.model == want_model and p.effective_from <= at
+            ]
+            if effective:
+                return max(effective, key=lambda p: p.effective_from)
+        raise PricingError(f"no price for plan {plan!r}, model {model!r} at {at}")
+
+    def terms_for(self, plan: str, at: float) -> Terms:
+        for want in (plan, "*"):
+            effective = [t for t in self.terms if t.plan == want and t.effective_from <= at]
+            if effective:
+                return max(effective, key=lambda t: t.effective_from)
+        return Terms(plan, 0.0)
+
+    def changes(self, start: float, end: float) -> list[float]:
+        """Every time strictly inside ``(start, end)`` where some price takes effect: line items split there."""
+        return sorted({p.effective_from for p in self.prices if start < p.effective_from < end})

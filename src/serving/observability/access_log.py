@@ -1,0 +1,62 @@
+"""Access log: one structured JSON line per request, written once from the core's finish path.
+
+A dedicated logger (``serving.access``), so that operators route or silence it apart from the application log.
+Fields: time, request id, partner id (never the API key or its id), model, operation, final status, latency,
+fair-queue wait, tokens and the caller's address.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sys
+from typing import TextIO
+
+ACCESS_LOGGER = "serving.access"
+
+
+def write(
+    logger: logging.Logger,
+    *,
+    request_id: str,
+    partner_id: str | None,
+    model: str,
+    operation: str,
+    status: str,
+    latency_s: float,
+    queue_s: float,
+    input_tokens: int,
+    output_tokens: int,
+    peer: str | None,
+    finished_at: float,
+) -> None:
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    line = {
+        "ts": datetime.datetime.fromtimestamp(finished_at, datetime.UTC).isoformat(timespec="milliseconds"),
+        "request_id": request_id or None,
+        "partner_id": partner_id,
+        "model": model,
+        "operation": operation,
+        "status": status,
+        "latency_ms": round(latency_s * 1000, 3),
+        "queue_ms": round(queue_s * 1000, 3),
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "peer": peer,
+    }
+    logger.info(json.dumps(line, separators=(",", ":")))
+
+
+def configure(enabled: bool, stream: TextIO = sys.stderr) -> logging.Logger:
+    """At process start: access lines go to ``stream`` (stderr: stdout carries the READY line) as bare JSON,
+    without a log prefix, and not to the root logger."""
+    logger = logging.getLogger(ACCESS_LOGGER)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if enabled else logging.WARNING)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    return logger

@@ -6,7 +6,7 @@ to 32), runs ``model.generate`` until the longest request in the batch is done, 
 use the same model, threads, greedy decoding and max_tokens per request. Prints useful output tokens per
 second for each and their ratio, and time to first token p50 under load ÷ alone.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python loadtests/bench_generation.py [--streams 32] [--requests 96]
+    HF_HUB_OFFLINE=1 .venv/bin/python loadtests/bench_generation.py [--streams 32] [--requests 192] [--hf-continuous]
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ async def drive(
     return Run(label, sum(r.tokens for r in results), seconds, [r.ttft_s for r in results])
 
 
-async def main(streams: int, requests: int, threads: int) -> None:
+async def main(streams: int, requests: int, threads: int, with_hf: bool) -> None:
     torch.set_num_threads(threads)
     spec = next(s for s in load_registry() if s.id == MODEL)
     runner = GenerateRunner()
@@ -199,15 +199,18 @@ async def main(streams: int, requests: int, threads: int) -> None:
     continuous = await drive("continuous batching (ours)", lambda item: stream_once(engine, item), items, streams)
     batcher = StaticBatcher(runner, streams)
     static = await drive("static batching, HF generate", lambda item: static_once(batcher, item), items, streams)
-    hf = HfContinuous(runner)  # last: it switches the model to paged attention
-    hf_run = await drive("HF continuous batching", hf.once, items, streams)
-    hf.stop()
+    runs = [continuous, static]
+    if with_hf:
+        hf = HfContinuous(runner)  # last: it switches the model to paged attention
+        runs.append(await drive("HF continuous batching", hf.once, items, streams))
+        hf.stop()
     print(f"\n{streams} concurrent streams, {requests} requests, outputs {OUTPUT_LENGTHS} tokens, {threads} threads")
     print(f"{'mode':32} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'TTFT p50':>9}")
-    for run in (continuous, static, hf_run):
+    for run in runs:
         ttft = statistics.median(run.ttfts)
         print(f"{run.label:32} {run.tokens:7d} {run.seconds:8.1f} {run.tokens_per_s:9.1f} {ttft:8.3f}s")
-    print(f"ours ÷ HF continuous batching, tokens/s: {continuous.tokens_per_s / hf_run.tokens_per_s:.2f}")
+    if with_hf:
+        print(f"ours ÷ HF continuous batching, tokens/s: {continuous.tokens_per_s / runs[2].tokens_per_s:.2f}")
     alone_ttft = statistics.median(r.ttft_s for r in alone)
     print(
         f"\ncontinuous ÷ static, tokens/s:           {continuous.tokens_per_s / static.tokens_per_s:.2f}  (target ≥ 2)"
@@ -219,7 +222,8 @@ async def main(streams: int, requests: int, threads: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--requests", type=int, default=192)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--hf-continuous", action="store_true", help="also run transformers' own continuous batching")
     args = parser.parse_args()
-    asyncio.run(main(args.streams, args.requests, args.threads))
+    asyncio.run(main(args.streams, args.requests, args.threads, args.hf_continuous))

@@ -54,7 +54,8 @@ async def test_one_line_per_request_with_partner_and_without_key(
 
 def test_configure_writes_bare_json_lines_off_the_root_logger() -> None:
     stream = io.StringIO()
-    logger = access_log.configure(True, stream)
+    lines = access_log.configure(True, stream)
+    logger = logging.getLogger(access_log.ACCESS_LOGGER)
     try:
         access_log.write(
             logger,
@@ -70,17 +71,19 @@ def test_configure_writes_bare_json_lines_off_the_root_logger() -> None:
             peer="10.0.0.1:5000",
             finished_at=0.0,
         )
+        lines.stop()  # the listener thread has written everything queued
         assert json.loads(stream.getvalue()) == {
             "ts": "1970-01-01T00:00:00.000+00:00", "request_id": "r1", "partner_id": "p1", "model": "m",
             "operation": "embed", "status": "ok", "latency_ms": 12.5, "queue_ms": 0.0, "input_tokens": 3,
             "output_tokens": 0, "peer": "10.0.0.1:5000",
         }  # fmt: skip
         assert logger.propagate is False
-        access_log.configure(False, stream)
+        lines = access_log.configure(False, stream)
         access_log.write(
             logger, request_id="r2", partner_id=None, model="m", operation="embed", status="ok", latency_s=0,
             queue_s=0, input_tokens=0, output_tokens=0, peer=None, finished_at=0.0,
         )  # fmt: skip
+        lines.stop()
         assert stream.getvalue().count("\n") == 1  # disabled: nothing more
     finally:
         logger.handlers.clear()

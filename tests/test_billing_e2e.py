@@ -24,7 +24,6 @@ import pytest_asyncio
 from billing_support import PrometheusServer, failing_proxy, free_port, prometheus_server, wait_until
 from gateway_process import start_gateway_process
 
-from billing.db import Database
 from billing.periods import Period, iso
 from billing.retry import SourceError
 from billing.service import BillingService, PeriodIncomplete
@@ -34,6 +33,7 @@ from serving.client import AsyncClient
 from serving.gateway.app import Gateway
 from serving.partners.store import PartnerStore
 from serving.settings import Settings
+from serving.storage.database import Database
 
 EMBED, GENERATE = "minilm-l6", "smollm2-135m-instruct"
 # The test's own price list (the same numbers billing gets as TOML below, computed here without billing's code).

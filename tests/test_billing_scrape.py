@@ -18,7 +18,6 @@ import pytest
 import pytest_asyncio
 from billing_support import http_server, wait_until
 
-from billing.db import Database
 from billing.periods import Period, iso
 from billing.service import BillingService, PeriodIncomplete
 from billing.settings import BillingSettings
@@ -26,6 +25,7 @@ from serving.client import AsyncClient
 from serving.gateway.app import Gateway
 from serving.partners.store import PartnerStore
 from serving.settings import Settings
+from serving.storage.database import Database
 
 
 @pytest_asyncio.fixture(loop_scope="session")

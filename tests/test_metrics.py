@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.domain import ClassifyRequest, EmbedRequest
-from serving.errors import Overloaded
+from serving.errors import ModelNotFound, Overloaded
 from serving.gateway.app import Gateway
 from serving.gateway.core import CallContext
 from serving.models.registry import ModelAdmission, ModelSpec
@@ -62,7 +62,11 @@ async def test_real_metrics_are_fed_and_pass_promtool(
         *(gateway.core.embed(ctx, EmbedRequest("minilm-l6", [f"text {i}"])) for i in range(4)),
         gateway.core.classify(ctx, ClassifyRequest("zero-shot", ["The striker scored."], ["sports", "finance"])),
     )
+    with pytest.raises(ModelNotFound):  # a made-up model name must not become a series of its own
+        await gateway.core.embed(ctx, EmbedRequest("no-such-model-4711", ["x"]))
     text = await scrape_until(http_base, "serving_ledger_write_lag_seconds_count")
+    assert "no-such-model-4711" not in text
+    assert any(labels["model"] == "unknown" for labels, _ in samples(text)["serving_requests_total"])
     text = await scrape_until(http_base, "serving_model_replicas")
     found = samples(text)
     batch_items = {labels["model"]: v for labels, v in found["serving_batch_size_items_sum"]}

@@ -209,8 +209,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     settings = load_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    access_log.configure(settings.access_log)
-    args.func(args)
+    lines = access_log.configure(settings.access_log)
+    try:
+        args.func(args)
+    finally:
+        lines.stop()  # writes what is still queued
 
 
 if __name__ == "__main__":

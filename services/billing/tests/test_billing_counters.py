@@ -36,6 +36,16 @@ def test_a_changed_created_timestamp_is_a_reset_even_when_the_value_grew() -> No
     assert [d for _, d in increases(samples, None)] == [10, 40, 5]
 
 
+def test_a_series_that_existed_unseen_before_the_range_is_not_billed_for_its_past() -> None:
+    # Created at 3, never scraped before the range [10, 30): its first value (500) is earlier usage.
+    unseen = Series("gw-a", "p1", "m", "input_tokens", (), [Sample(12, 500, created=3.0), Sample(22, 540, created=3.0)])
+    born = Series("gw-a", "p2", "m", "input_tokens", (), [Sample(12, 8, created=11.0)])
+    assert bucket_usage([unseen, born], [10.0, 20.0, 30.0]) == {
+        UsageKey("p1", "m", "input_tokens", 1): 40,
+        UsageKey("p2", "m", "input_tokens", 0): 8,
+    }
+
+
 def test_replicas_are_summed_and_partners_may_appear_mid_period() -> None:
     a = series("gw-a", [(5, 100), (15, 150), (25, 20)])  # reset at 25 (restart)
     b = series("gw-b", [(5, 7), (15, 9)])

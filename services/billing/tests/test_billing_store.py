@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from billing.counters import Sample, Series
-from billing.db import Database
 from billing.store import BillingStore, StoredInvoice
+from serving.storage.database import Database
 
 POSTGRES_URL = os.environ.get("SERVING_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -146,7 +146,8 @@ class Gateway:
         # One replica answers each call: exact with one replica per model, a sample of one replica with several.
         for model, route in self.router.routes.items():
             if route.spec.task is Task.GENERATE:
-                stats = await route.batch_stats()
+                async with asyncio.timeout(self.settings.replica_poll_interval_s):  # a hung replica skips a round
+                    stats = await route.batch_stats()
                 self.metrics.running_sequences.labels(model).set(stats["running"])
                 self.metrics.waiting_sequences.labels(model).set(stats["waiting"])
 
@@ -185,7 +186,7 @@ class Gateway:
         if self._replica_task is not None:
             self._replica_task.cancel()
         grace = self.settings.shutdown_grace_s
-        tasks = []
+        tasks: list[Any] = [self._replica_task] if self._replica_task is not None else []
         if self._grpc_server is not None:
             tasks.append(self._grpc_server.stop(grace))
         if self._http_server is not None and self._http_task is not None:

@@ -217,18 +217,21 @@ class Core:
         deadline = None if ctx.timeout_s is None else asyncio.get_running_loop().time() + ctx.timeout_s
         pace = _StreamPace(self._metrics, call.model, call.started_perf)
         try:
-            async with asyncio.timeout_at(deadline):
-                async for event in route.generate(item):
-                    if isinstance(event, GenerateOutput):
-                        call.usage = Usage(len(item.prompt_ids), event.output_tokens)
-                        await self._finish(call)  # recorded before the client can see the final event
-                        yield GenerateResult(call.model, event.text, event.finish_reason, call.usage, call.request_id)
-                        return
-                    if event.text:
-                        pace.chunk()
-                        yield TextDelta(event.text, event.tokens)
-                    # Only now, resumed for more, do we know the consumer handed the chunk to its transport.
-                    sent_tokens = event.tokens
+            # The Ray hop of a stream: from the call to the replica's engine until its last event.
+            with self._tracing.stage("ray.generate", call.span):
+                async with asyncio.timeout_at(deadline):
+                    async for event in route.generate(item):
+                        if isinstance(event, GenerateOutput):
+                            call.usage = Usage(len(item.prompt_ids), event.output_tokens)
+                            await self._finish(call)  # recorded before the client can see the final event
+                            usage, request_id = call.usage, call.request_id
+                            yield GenerateResult(call.model, event.text, event.finish_reason, usage, request_id)
+                            return
+                        if event.text:
+                            pace.chunk()
+                            yield TextDelta(event.text, event.tokens)
+                        # Only now, resumed for more, do we know the consumer handed the chunk to its transport.
+                        sent_tokens = event.tokens
         except BaseException as exc:
             if call.finished:  # the final event was delivered; closing the stream afterwards changes nothing
                 raise
@@ -385,8 +388,10 @@ class Core:
     def _observe(self, call: _Call, elapsed: float) -> None:
         metrics = self._metrics
         metrics.in_flight.labels(call.operation).dec()
-        metrics.requests.labels(call.model, call.operation, call.status).inc()
-        metrics.latency.labels(call.model, call.operation).observe(elapsed)
+        # The model label is whatever the client sent: names outside the registry share one series.
+        model = call.model if call.model in self._router.routes else "unknown"
+        metrics.requests.labels(model, call.operation, call.status).inc()
+        metrics.latency.labels(model, call.operation).observe(elapsed)
         if call.queued:
             metrics.queue_wait.labels(call.model).observe(call.queue_s)
         if call.caller is not None and call.reservation is not None:
@@ -397,7 +402,7 @@ class Core:
             if call.operation == "generate":
                 metrics.generated_tokens.labels(call.model).inc(call.usage.output_tokens)
         if call.quota_reason:
-            metrics.quota_rejections.labels(call.model, call.quota_reason).inc()
+            metrics.quota_rejections.labels(model, call.quota_reason).inc()
 
 
 def _status(exc: BaseException) -> str:

@@ -102,15 +102,11 @@ class GenerateRunner:
         if joining:
             finished.extend(seq for seq in self._prefill(batch, joining) if seq.done)
         if batch.seqs:
+            ids, mask, positions = batch.step_inputs()
             logits = self.model(
-                input_ids=batch.last.unsqueeze(1),
-                attention_mask=torch.cat([batch.mask, torch.ones_like(batch.last).unsqueeze(1)], dim=1),
-                position_ids=batch.positions.unsqueeze(1),
-                past_key_values=batch.cache,
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache
             ).logits[:, -1, :]
-            batch.mask = torch.cat([batch.mask, torch.ones_like(batch.last).unsqueeze(1)], dim=1)
-            batch.positions = batch.positions + 1
-            batch.last = self._next_tokens(logits, batch.seqs)
+            batch.advance(self._next_tokens(logits, batch.seqs))
             finished.extend(seq for seq in batch.seqs if seq.done)
             self._drop_done(batch)
         return finished
@@ -128,17 +124,17 @@ class GenerateRunner:
             logits.append(out.logits[:, -1, :])
         last = self._next_tokens(torch.cat(logits), seqs)
         alive = [row for row, seq in enumerate(seqs) if not seq.done]
-        batch.join([seqs[row] for row in alive], [caches[row] for row in alive], last[alive])
+        batch.join([seqs[row] for row in alive], [caches[row] for row in alive], [last[row] for row in alive])
         return seqs
 
-    def _next_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _next_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         greedy = logits.argmax(-1).tolist()
         tokens = []
         for row, seq in enumerate(seqs):
             token = greedy[row] if seq.generator is None else self._sample(logits[row], seq)
             self._advance(seq, token)
             tokens.append(token)
-        return torch.tensor(tokens, dtype=torch.long, device=self.device)
+        return tokens
 
     @staticmethod
     def _drop_done(batch: RunningBatch) -> None:

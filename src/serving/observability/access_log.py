@@ -10,7 +10,9 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import queue
 import sys
+from logging.handlers import QueueHandler, QueueListener
 from typing import TextIO
 
 ACCESS_LOGGER = "serving.access"
@@ -49,14 +51,18 @@ def write(
     logger.info(json.dumps(line, separators=(",", ":")))
 
 
-def configure(enabled: bool, stream: TextIO = sys.stderr) -> logging.Logger:
+def configure(enabled: bool, stream: TextIO = sys.stderr) -> QueueListener:
     """At process start: access lines go to ``stream`` (stderr: stdout carries the READY line) as bare JSON,
-    without a log prefix, and not to the root logger."""
+    without a log prefix, and not to the root logger. The event loop only enqueues each line; a listener
+    thread writes it, so a slow stderr never stalls requests. Stop the returned listener at exit (it flushes)."""
     logger = logging.getLogger(ACCESS_LOGGER)
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if enabled else logging.WARNING)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.addHandler(handler)
-    return logger
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    logger.addHandler(QueueHandler(lines))
+    listener = QueueListener(lines, handler)
+    listener.start()
+    return listener

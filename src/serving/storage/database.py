@@ -19,8 +19,9 @@ _PLACEHOLDER = re.compile(r"\?")
 
 
 class Database:
-    def __init__(self, url: str) -> None:
-        """``url`` is ``postgresql://...`` or a SQLite file path (``sqlite:///path`` also accepted)."""
+    def __init__(self, url: str, *, read_only: bool = False) -> None:
+        """``url`` is ``postgresql://...`` or a SQLite file path (``sqlite:///path`` also accepted);
+        ``read_only`` opens a SQLite file that must exist, without write access (billing reads the ledger)."""
         self.url = url
         self.is_postgres = url.startswith(("postgresql://", "postgres://"))
         self._lock = threading.RLock()
@@ -29,14 +30,19 @@ class Database:
             import psycopg
 
             self._conn = psycopg.connect(url, autocommit=True)
-        else:
-            path = Path(url.removeprefix("sqlite:///").removeprefix("sqlite://"))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL: a commit survives a process crash (SIGKILL); an OS crash may lose the last commits.
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("PRAGMA busy_timeout=30000")
+            return
+        path = Path(url.removeprefix("sqlite:///").removeprefix("sqlite://"))
+        if read_only:
+            self._conn = sqlite3.connect(
+                f"file:{path}?mode=ro", uri=True, check_same_thread=False, isolation_level=None, timeout=30
+            )
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a commit survives a process crash (SIGKILL); an OS crash may lose the last commits.
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
 
     def _sql(self, sql: str) -> str:
         return _PLACEHOLDER.sub("%s", sql) if self.is_postgres else sql

@@ -18,18 +18,10 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from billing.errors import ERRORS
 from billing.invoices import CSV_HEADER
-from billing.periods import Period, PeriodError
-from billing.pricing import PricingError
-from billing.retry import SourceError
-from billing.service import BillingService, PeriodIncomplete
-
-_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
-    (PeriodError, 400, "invalid_period"),
-    (PeriodIncomplete, 409, "period_incomplete"),
-    (PricingError, 422, "pricing_error"),
-    (SourceError, 502, "source_unavailable"),
-)
+from billing.periods import Period
+from billing.service import BillingService
 
 
 def _error(status: int, code: str, message: str, param: str | None = None) -> JSONResponse:
@@ -57,12 +49,12 @@ def create_app(service: BillingService, scrape_in_background: bool = True) -> Fa
 
     app = FastAPI(title="billing", lifespan=lifespan)
 
-    for kind, status, code in _ERRORS:
+    for kind in ERRORS:
 
-        def handler(_: Request, exc: Exception, status: int = status, code: str = code) -> JSONResponse:
+        def handler(_: Request, exc: Exception, status: int = kind.http_status, code: str = kind.code) -> JSONResponse:
             return _error(status, code, str(exc))
 
-        app.add_exception_handler(kind, handler)
+        app.add_exception_handler(kind.error, handler)
 
     async def call(fn: Callable[..., Any], *args: Any) -> Any:
         return await run_in_threadpool(fn, *args)

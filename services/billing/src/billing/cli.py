@@ -22,11 +22,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from billing.errors import BILLING_ERRORS, kind_of
 from billing.invoices import CSV_HEADER
-from billing.periods import PeriodError
-from billing.pricing import PricingError
-from billing.retry import SourceError
-from billing.service import BillingService, PeriodIncomplete
+from billing.service import BillingService
 from billing.settings import BillingSettings, SettingsError, load_settings
 
 
@@ -116,18 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _print(found)
         else:
             _print(service.reconciliation(args.period))
-    except PeriodError as exc:
-        sys.stderr.write(f"billing: {exc}\n")
-        return 2
-    except PeriodIncomplete as exc:
-        sys.stderr.write(f"billing: period not complete: {exc}\n")
-        return 3
-    except SourceError as exc:
-        sys.stderr.write(f"billing: usage source failed: {exc}\n")
-        return 4
-    except PricingError as exc:
-        sys.stderr.write(f"billing: pricing: {exc}\n")
-        return 5
+    except BILLING_ERRORS as exc:
+        kind = kind_of(exc)
+        sys.stderr.write(f"billing: {kind.what}: {exc}\n")
+        return kind.exit_code
     finally:
         service.shutdown()
     return 0

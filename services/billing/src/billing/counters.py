@@ -8,7 +8,11 @@ rules, written once here:
   ``_created`` timestamp changed (a restarted replica exporting the same series), was **reset**: the
   increase is the new value (the counter restarted from zero).
 - **Baseline**: the last sample before the range start. A series without one was born inside the range
-  (a partner appearing mid-period, a replica started mid-period): its first sample counts from zero.
+  (a partner appearing mid-period, a replica started mid-period): its first sample counts from zero --
+  unless its ``_created`` timestamp says it existed before the range (nobody saw it then: Prometheus was
+  down, or is new). Its first value holds usage from before the range, which cannot be split off, so that
+  sample becomes the baseline: billing never charges a period for earlier usage, and reconciliation with the
+  ledger shows what the first sample missed as drift.
 - **Late or missing scrapes** need nothing special: the increase lands at the next sample that arrives,
   in the bucket that holds that sample's timestamp. What a replica counted after its last successful
   scrape and before it died is lost to the counters; reconciliation with the ledger shows it as drift.
@@ -80,12 +84,17 @@ def unit_of(metric: str, labels: dict[str, str]) -> tuple[str, tuple[tuple[str, 
     return None
 
 
-def increases(samples: Sequence[Sample], baseline: Sample | None) -> list[tuple[float, int]]:
-    """``(timestamp, increase)`` at every sample after the baseline, with counter resets handled."""
+def increases(
+    samples: Sequence[Sample], baseline: Sample | None, start: float | None = None
+) -> list[tuple[float, int]]:
+    """``(timestamp, increase)`` at every sample after the baseline, with counter resets handled; ``start`` is
+    the range start, for telling a series born inside the range from one that was not seen before it."""
     out: list[tuple[float, int]] = []
     previous = baseline
     for sample in samples:
-        if previous is None:
+        if previous is None and start is not None and sample.created is not None and sample.created < start:
+            delta = 0  # existed before the range, never seen: its value so far is not this range's usage
+        elif previous is None:
             delta = sample.value  # born after the baseline: counted from zero
         elif sample.value < previous.value or (
             sample.created is not None and previous.created is not None and sample.created != previous.created
@@ -113,7 +122,7 @@ def bucket_usage(series: Iterable[Series], boundaries: Sequence[float]) -> dict[
         ordered = sorted(one.samples)
         before = [s for s in ordered if s.ts < start]
         inside = [s for s in ordered if start <= s.ts < end]
-        for ts, delta in increases(inside, before[-1] if before else None):
+        for ts, delta in increases(inside, before[-1] if before else None, start):
             key = UsageKey(one.partner, one.model, one.unit, bisect.bisect_right(boundaries, ts) - 1)
             totals[key] = totals.get(key, 0) + delta
     return totals

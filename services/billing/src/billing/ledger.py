@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from billing.db import Database
+from serving.storage.database import Database
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ undercounted, and reconciliation reports it as drift.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import httpx
@@ -63,7 +64,7 @@ class PrometheusClient:
         return self._retry.run(
             f"prometheus query {promql!r}",
             lambda: self._get(promql, at),
-            lambda ok: self._metrics.scrape("prometheus", ok, at if ok else None),
+            lambda ok: self._metrics.scrape("prometheus", ok, time.time() if ok else None),  # answered now
         )
 
     def series(self, start: float, end: float, lookback_s: float) -> list[Series]:

@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 
 from billing.counters import Series, bucket_usage
-from billing.db import Database
 from billing.invoices import Invoice, build_invoices
 from billing.ledger import LedgerReader, PartnerPlans
 from billing.metrics import BillingMetrics
@@ -34,6 +33,7 @@ from billing.retry import RetryPolicy
 from billing.scrape import Scraper
 from billing.settings import BillingSettings
 from billing.store import BillingStore, StoredInvoice
+from serving.storage.database import Database
 
 log = logging.getLogger("billing.service")
 
@@ -133,10 +133,10 @@ class BillingService:
                 exceeds = d.exceeds(self.settings.drift_threshold_tokens, self.settings.drift_threshold_ratio)
                 invoice = replace(invoice, drift=d, needs_review=exceeds)
             reviewed.append(invoice)
-        self._publish_drift(reconciliation)
         return reviewed, reconciliation
 
     def _publish_drift(self, reconciliation: Reconciliation) -> None:
+        """The drift gauges show the last period closed (drafts and reports of open periods leave them alone)."""
         for partner, d in reconciliation.drift().items():
             self.metrics.drift_tokens.labels(partner).set(d.tokens)
             self.metrics.drift_ratio.labels(partner).set(float(d.ratio))
@@ -153,6 +153,7 @@ class BillingService:
                 crash = self._crash if self.settings.crash_point == "close_before_commit" else None
                 if self.store.write_close(period.id, period.start, period.end, stored, reconciliation.rows, crash):
                     self.metrics.invoices_closed.inc(len(stored))
+                    self._publish_drift(reconciliation)
                     log.info("closed period %s: %d invoices", period.id, len(stored))
             self.metrics.needing_review.set(self.store.needing_review())
             return self.store.invoices(period.id)
@@ -180,7 +181,6 @@ class BillingService:
         period = Period.parse(period_text)
         if self.store.is_closed(period.id):
             result = Reconciliation(period, self.store.reconciliation(period.id))
-            self._publish_drift(result)
         else:
             _, result = self.compute(period)
         report = result.report(self.settings.drift_threshold_tokens, self.settings.drift_threshold_ratio)

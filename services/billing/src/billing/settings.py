@@ -6,6 +6,7 @@ Nothing else in the package reads the environment; components get the values the
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from decimal import Decimal, InvalidOperation
@@ -77,6 +78,8 @@ class BillingSettings:
             raise SettingsError("retry_attempts must be >= 1 and retry_backoff_s >= 0")
         if self.drift_threshold_tokens < 0 or self.drift_threshold_ratio < 0:
             raise SettingsError("drift thresholds must be >= 0")
+        if not re.fullmatch(r"[A-Za-z0-9_.:/-]*", self.prometheus_job):  # it is spliced into PromQL selectors
+            raise SettingsError(f"prometheus_job must be a plain label value; got {self.prometheus_job!r}")
         if self.crash_point not in CRASH_POINTS:
             raise SettingsError(f"crash_point must be one of {CRASH_POINTS}; got {self.crash_point!r}")
         return self

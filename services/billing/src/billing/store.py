@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from billing.counters import Sample, Series
-from billing.db import Database
+from serving.storage.database import Database
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS billing_samples (
@@ -162,7 +162,14 @@ class BillingStore:
         """Writes a whole close in one transaction; False if the period was closed meanwhile (nothing written)."""
         invoice_rows = [(i.period, i.partner, i.status, i.document, i.csv) for i in invoices]
         with self.db.transaction():
-            if self.is_closed(period):
+            # The period row first: a concurrent close (another process, PostgreSQL) waits on this key and
+            # then inserts nothing, so exactly one close writes the invoices.
+            claimed = self.db.execute(
+                "INSERT INTO billing_periods (period, start_ts, end_ts, invoices) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (period) DO NOTHING",
+                (period, start, end, len(invoice_rows)),
+            )
+            if not claimed:
                 return False
             self.db.executemany(
                 "INSERT INTO billing_invoices (period, partner, status, document, csv) VALUES (?, ?, ?, ?, ?)",
@@ -172,10 +179,6 @@ class BillingStore:
                 "INSERT INTO billing_reconciliation (period, partner, hour_start, counter_tokens, ledger_tokens,"
                 " counter_requests, ledger_requests) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(period, *row) for row in reconciliation],
-            )
-            self.db.execute(
-                "INSERT INTO billing_periods (period, start_ts, end_ts, invoices) VALUES (?, ?, ?, ?)",
-                (period, start, end, len(invoice_rows)),
             )
             if before_commit is not None:
                 before_commit()

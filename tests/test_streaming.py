@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving.client import AsyncClient
 from serving.domain import GenerateResult, TextDelta
 from serving.gateway.app import Gateway
-from serving.partners.store import PartnerStore
+from serving.partners.store import Partner, PartnerStore
 from serving.settings import Settings
 from serving.storage.database import Database
 
@@ -38,6 +38,18 @@ async def _collect(
         else:
             assert isinstance(event, GenerateResult) and event.text == "".join(d.text for d in deltas)
     return deltas
+
+
+def _new_partner(store: PartnerStore, name: str) -> tuple[Partner, str, str]:
+    """A partner of this test's own (its ledger rows are only this test's), a key and a request id."""
+    partner = store.create_partner(f"{name}-{uuid.uuid4().hex[:6]}", plan="unlimited")
+    return partner, store.issue_key(partner.id), f"{name}-{uuid.uuid4().hex}"
+
+
+async def _reference(grpc_target: str, key: str, prompt: str) -> list[TextDelta]:
+    """The stream as a client that stays to the end receives it (temperature 0: the same every time)."""
+    async with AsyncClient(grpc_target, key) as client:
+        return await _collect(client, prompt, 40)
 
 
 def _text(deltas: list[TextDelta]) -> str:
@@ -93,13 +105,11 @@ def _sample(exposition: str, name: str) -> float:
 async def test_cancelling_one_stream_leaves_the_others_alone_and_bills_what_it_was_sent(
     gateway: Gateway, settings: Settings, store: PartnerStore, grpc_target: str
 ) -> None:
-    partner = store.create_partner(f"cancel-{uuid.uuid4().hex[:6]}", plan="unlimited")
-    key = store.issue_key(partner.id)
+    partner, key, request_id = _new_partner(store, "cancel")
     async with AsyncClient(grpc_target, key) as client:
         reference = await asyncio.gather(*[_collect(client, _prompt(i), 40) for i in range(8)])
         cancel_after = 5
         received: list[TextDelta] = []
-        request_id = f"cancel-{uuid.uuid4().hex}"
 
         async def cancelled_stream() -> None:
             async for event in client.generate_stream(
@@ -143,11 +153,8 @@ async def _open_sse(port: int, key: str, request_id: str) -> tuple[asyncio.Strea
 async def test_a_vanished_http_client_is_detected_and_billed_for_what_it_was_sent(
     gateway: Gateway, settings: Settings, store: PartnerStore, grpc_target: str
 ) -> None:
-    partner = store.create_partner(f"vanish-{uuid.uuid4().hex[:6]}", plan="unlimited")
-    key = store.issue_key(partner.id)
-    async with AsyncClient(grpc_target, key) as client:
-        reference = await _collect(client, _prompt(1), 40)
-    request_id = f"vanish-{uuid.uuid4().hex}"
+    partner, key, request_id = _new_partner(store, "vanish")
+    reference = await _reference(grpc_target, key, _prompt(1))
     reader, writer = await _open_sse(gateway.http_port, key, request_id)
     received = ""
     chunks = 0
@@ -193,11 +200,8 @@ asyncio.run(main())
 async def test_a_killed_grpc_client_is_detected_and_billed_for_what_it_was_sent(
     gateway: Gateway, settings: Settings, store: PartnerStore, grpc_target: str
 ) -> None:
-    partner = store.create_partner(f"killed-{uuid.uuid4().hex[:6]}", plan="unlimited")
-    key = store.issue_key(partner.id)
-    async with AsyncClient(grpc_target, key) as client:
-        reference = await _collect(client, _prompt(2), 40)
-    request_id = f"killed-{uuid.uuid4().hex}"
+    partner, key, request_id = _new_partner(store, "killed")
+    reference = await _reference(grpc_target, key, _prompt(2))
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _VANISHING_GRPC_CLIENT, grpc_target, key, _prompt(2), request_id,
         stdout=asyncio.subprocess.PIPE,

@@ -91,7 +91,9 @@ async def test_request_stage_hop_and_batch_spans(
 
     [batch] = named(spans, "model.batch")
     hops = named(spans, "ray.infer")
-    assert batch.parent is None and batch.kind is SpanKind.CLIENT
+    # Parented on a sampled hop (so it is kept whenever a request it carried is), linked to every hop.
+    assert batch.parent is not None and batch.parent.span_id in {hop.context.span_id for hop in hops}
+    assert batch.kind is SpanKind.CLIENT
     assert {link.context.span_id for link in batch.links} == {hop.context.span_id for hop in hops}
     assert batch.attributes is not None and batch.attributes["serving.batch.items"] == 2
 

@@ -23,7 +23,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import Link, Span, SpanContext, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 EXPORTERS = ("off", "console", "otlp")
@@ -71,9 +71,13 @@ class Tracing:
             span.end()
 
     def start_batch(self, model: str, items: int, links: Sequence[SpanContext]) -> Span:
+        # It serves many requests, each linked. Its parent is the first sampled one, so that the parent-based
+        # sampler keeps it whenever any request it carried is kept (a root span would be sampled on its own).
+        sampled = next((link for link in links if link.is_valid and link.trace_flags.sampled), None)
+        parent = trace.set_span_in_context(NonRecordingSpan(sampled)) if sampled is not None else Context()
         return self.tracer.start_span(
             "model.batch",
-            context=Context(),  # a root: it serves many requests, linked below
+            context=parent,
             kind=SpanKind.CLIENT,
             links=[Link(link) for link in links if link.is_valid],
             attributes={"serving.model": model, "serving.batch.items": items, "serving.batch.requests": len(links)},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import shutil
 import subprocess
 from functools import cache
 from importlib.resources import files
@@ -32,8 +33,10 @@ OVERLAYS = ["dev", "prod"]
 
 @cache
 def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl (1.27+) must be on PATH to render k8s/ with its built-in kustomize (see README)"
     out = subprocess.run(
-        ["kubectl", "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=True
+        [kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=True
     ).stdout
     return tuple(doc for doc in yaml.safe_load_all(out) if doc)
 

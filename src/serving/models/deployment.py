@@ -99,6 +99,9 @@ def build_application(spec: ModelSpec, cache_dir: Path) -> serve.Application:
         # Embed/classify calls are whole micro-batches; generation calls are one stream each.
         "max_ongoing_requests": 256,
         "health_check_period_s": 5,
+        # The gateway logs one access line per request (and polls batch_stats every few seconds): no replica-side
+        # access log on top of it.
+        "logging_config": {"enable_access_log": False},
     }
     if replicas.min_replicas is not None and replicas.max_replicas is not None:
         options["autoscaling_config"] = {

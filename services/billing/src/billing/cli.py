@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"billing: {exc}\n")
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scrape otherwise
     if args.command == "serve":
         return _serve(settings)
     service = BillingService(settings)

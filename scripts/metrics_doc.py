@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from billing.metrics import BillingMetrics
 from serving.observability.catalogue import render
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "metrics.md"
 
 
 def main(argv: list[str]) -> int:
-    text = render()
+    text = render(BillingMetrics())
     if "--check" in argv:
         if not DOC.exists() or DOC.read_text() != text:
             print(f"{DOC} is stale: run scripts/metrics_doc.py", file=sys.stderr)

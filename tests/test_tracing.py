@@ -51,6 +51,22 @@ def named(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name]
 
 
+def traced_core(
+    settings: Settings, specs: list[ModelSpec], store: PartnerStore, router: Router, tracing: Tracing
+) -> Core:
+    """The real core over ``router``, traced by ``tracing``, with an in-memory quota and no ledger."""
+    return Core(
+        Authenticator(store, 5.0),
+        router,
+        settings.limits,
+        Metrics(),
+        Admission(MemoryQuota(), specs, settings.admission),
+        NullSink(),
+        lambda *_: [],
+        tracing,
+    )
+
+
 async def test_request_stage_hop_and_batch_spans(
     settings: Settings, specs: list[ModelSpec], ray_models: dict[str, Any], store: PartnerStore, api_key: str
 ) -> None:
@@ -61,16 +77,7 @@ async def test_request_stage_hop_and_batch_spans(
         Batching(max_batch_size=2, max_wait_ms=600_000, max_inflight=0),
         tracing=tracing,
     )
-    core = Core(
-        Authenticator(store, 5.0),
-        router,
-        settings.limits,
-        Metrics(),
-        Admission(MemoryQuota(), specs, settings.admission),
-        NullSink(),
-        lambda *_: [],
-        tracing,
-    )
+    core = traced_core(settings, specs, store, router, tracing)
     await asyncio.gather(
         core.embed(CallContext(api_key, traceparent=TRACEPARENT), EmbedRequest("minilm-l6", ["continued trace"])),
         core.embed(CallContext(api_key, traceparent="00-garbage"), EmbedRequest("minilm-l6", ["new trace"])),
@@ -103,16 +110,7 @@ async def test_a_rejected_request_ends_its_span_with_an_error(
 ) -> None:
     tracing, exporter = in_memory()
     router = Router(build_routes(specs, ray_models, settings.models_cache), settings.batching, tracing=tracing)
-    core = Core(
-        Authenticator(store, 5.0),
-        router,
-        settings.limits,
-        Metrics(),
-        Admission(MemoryQuota(), specs, settings.admission),
-        NullSink(),
-        lambda *_: [],
-        tracing,
-    )
+    core = traced_core(settings, specs, store, router, tracing)
     with pytest.raises(Unauthenticated):
         await core.embed(CallContext("not-a-key", traceparent=TRACEPARENT), EmbedRequest("minilm-l6", ["x"]))
     spans = exporter.get_finished_spans()

@@ -2,7 +2,7 @@
 
 Labels stay bounded (model, operation, status, reason, state: closed sets); partner ids appear only on the
 usage counters that billing reads. ``docs/metrics.md`` is generated from this class
-(``scripts/metrics_doc.py``); the billing service's own metrics are listed there too (``BILLING_METRICS``).
+(``scripts/metrics_doc.py``), with the billing service's own metrics read from its ``BillingMetrics``.
 """
 
 from __future__ import annotations
@@ -30,47 +30,6 @@ GPU_METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
     ("serving_gpu_utilization_ratio", "gauge", "GPU busy time over the last sample period (0-1).", ("device",)),
     ("serving_gpu_memory_used_bytes", "gauge", "GPU memory in use.", ("device",)),
     ("serving_gpu_memory_total_bytes", "gauge", "GPU memory in total.", ("device",)),
-)
-
-# Exported by services/billing (its own registry, billing/metrics.py); listed here so that the catalogue has one
-# place. Keep in step with that file.
-BILLING_METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
-    (
-        "billing_scrapes_total",
-        "counter",
-        "Reads of usage counters, by source (a gateway /metrics URL or the Prometheus API) and result.",
-        ("source", "result"),
-    ),
-    (
-        "billing_last_successful_scrape_timestamp_seconds",
-        "gauge",
-        "When each source was last read successfully (Unix time).",
-        ("source",),
-    ),
-    (
-        "billing_reconciliation_drift_tokens",
-        "gauge",
-        "Tokens derived from counters minus tokens in the ledger, last reconciled period, per partner.",
-        ("partner",),
-    ),
-    (
-        "billing_reconciliation_drift_ratio",
-        "gauge",
-        "|counter tokens - ledger tokens| / ledger tokens, last reconciled period, per partner.",
-        ("partner",),
-    ),
-    (
-        "billing_invoices_needing_review",
-        "gauge",
-        "Closed invoices marked needs_review because reconciliation drift exceeded the threshold.",
-        (),
-    ),
-    (
-        "billing_invoices_closed_total",
-        "counter",
-        "Invoices written by closing a period (a repeated close writes none).",
-        (),
-    ),
 )
 
 

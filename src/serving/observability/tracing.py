@@ -46,6 +46,8 @@ class Tracing:
 
     def start_request(self, operation: str, model: str, traceparent: str | None, tracestate: str | None = None) -> Span:
         """The request span; a malformed ``traceparent`` starts a new trace (W3C: ignore, do not fail)."""
+        if self.provider is None:  # tracing off: nothing to continue, skip parsing on every request
+            return trace.INVALID_SPAN
         carrier = {"traceparent": traceparent} if traceparent else {}
         if traceparent and tracestate:
             carrier["tracestate"] = tracestate

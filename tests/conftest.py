@@ -34,6 +34,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         model_cache_dir=ROOT / ".cache" / "models",
         grpc_port=0,
         http_port=0,
+        ops_port=0,
         shutdown_grace_s=10.0,
         serve_app_name="test",
         admin_token=ADMIN_TOKEN,
@@ -110,3 +111,9 @@ def grpc_target(gateway: Gateway) -> str:
 @pytest.fixture
 def http_base(gateway: Gateway) -> str:
     return f"http://127.0.0.1:{gateway.http_port}"
+
+
+@pytest.fixture
+def ops_base(gateway: Gateway) -> str:
+    """The private ops listener: /metrics, /admin/v1, health."""
+    return f"http://127.0.0.1:{gateway.ops_port}"

@@ -24,7 +24,8 @@ async def start_gateway_process(settings: Settings, **env: str) -> tuple[asyncio
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "serving.cli", "gateway",
-        "--ray-address", ray.get_runtime_context().gcs_address, "--grpc-port", "0", "--http-port", "0",
+        "--ray-address", ray.get_runtime_context().gcs_address,
+        "--grpc-port", "0", "--http-port", "0", "--ops-port", "0",
         env=environment, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stdout is not None

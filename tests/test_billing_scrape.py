@@ -17,6 +17,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from billing_support import http_server, wait_until
+from conftest import ADMIN_TOKEN
 
 from billing.periods import Period, iso
 from billing.service import BillingService, PeriodIncomplete
@@ -36,7 +37,8 @@ async def billing_process(
         **os.environ,
         "BILLING_DATA_DIR": str(tmp_path),
         "BILLING_MODE": "scrape",
-        "BILLING_SCRAPE_TARGETS": f"http://127.0.0.1:{gateway.http_port}/metrics",
+        "BILLING_SCRAPE_TARGETS": f"http://127.0.0.1:{gateway.ops_port}/metrics",
+        "BILLING_ADMIN_TOKEN": ADMIN_TOKEN,
         "BILLING_SCRAPE_INTERVAL_S": "0.2",
         "BILLING_LEDGER_DATABASE_URL": settings.ledger_db_url,
         "BILLING_PARTNERS_DATABASE_URL": settings.partners_db_url,
@@ -68,7 +70,7 @@ async def test_embedded_scrape_close_over_http_and_drift_needs_review(
     url, env = billing_process
     partner = store.create_partner(f"bill-scrape-{uuid.uuid4().hex[:6]}", plan="standard")
     key = store.issue_key(partner.id)
-    async with httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as http:
 
         async def scraped_since(moment: float) -> bool:
             return await last_scrape(http, url) > moment

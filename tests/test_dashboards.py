@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import pytest_asyncio
 import yaml
+from conftest import ADMIN_TOKEN
 
 from serving.domain import ClassifyRequest, EmbedRequest, GenerateRequest
 from serving.gateway.app import Gateway
@@ -113,7 +114,7 @@ async def running_prometheus(workdir: Path, targets: dict[str, str]) -> AsyncIte
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def prometheus(gateway: Gateway, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    async with running_prometheus(tmp_path, {"gateway": f"127.0.0.1:{gateway.http_port}"}) as client:
+    async with running_prometheus(tmp_path, {"gateway": f"127.0.0.1:{gateway.ops_port}"}) as client:
         yield client
 
 
@@ -214,7 +215,8 @@ async def billing_service(settings: Settings, gateway: Gateway, data_dir: Path) 
         **os.environ,
         "BILLING_DATA_DIR": str(data_dir),
         "BILLING_MODE": "scrape",
-        "BILLING_SCRAPE_TARGETS": f"http://127.0.0.1:{gateway.http_port}/metrics",
+        "BILLING_SCRAPE_TARGETS": f"http://127.0.0.1:{gateway.ops_port}/metrics",
+        "BILLING_ADMIN_TOKEN": ADMIN_TOKEN,
         "BILLING_SCRAPE_INTERVAL_S": "1",
         "BILLING_LEDGER_DATABASE_URL": settings.ledger_db_url,
         "BILLING_PARTNERS_DATABASE_URL": settings.partners_db_url,
@@ -243,13 +245,14 @@ async def test_billing_panels_return_data_with_the_billing_service(
     (tmp_path / "prometheus").mkdir()
     async with billing_service(settings, gateway, tmp_path / "billing") as billing_url:
         billing_address = billing_url.removeprefix("http://").rstrip("/")
-        targets = {"gateway": f"127.0.0.1:{gateway.http_port}", "billing": billing_address}
+        targets = {"gateway": f"127.0.0.1:{gateway.ops_port}", "billing": billing_address}
         async with running_prometheus(tmp_path / "prometheus", targets) as prom:
             start = int(time.time()) - 1
             await drive_traffic(gateway, api_key)
             end = int(time.time()) + 1
             period = f"{_iso(start)}..{_iso(end)}"
-            async with httpx.AsyncClient(base_url=billing_url, timeout=30.0) as billing:
+            admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+            async with httpx.AsyncClient(base_url=billing_url, timeout=30.0, headers=admin) as billing:
 
                 async def closed() -> bool:  # 409 until the period has ended and billing scraped past its end
                     return (await billing.post(f"/v1/periods/{period}/close")).status_code == 200

@@ -43,11 +43,11 @@ def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return out
 
 
-async def scrape_until(http_base: str, ready: str, deadline_s: float = 30.0) -> str:
+async def scrape_until(ops_base: str, ready: str, deadline_s: float = 30.0) -> str:
     """Scrapes /metrics until a sample named ``ready`` has a nonzero value (polling with a deadline)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + deadline_s
-    async with httpx.AsyncClient(base_url=http_base) as http:
+    async with httpx.AsyncClient(base_url=ops_base) as http:
         while True:
             text = (await http.get("/metrics")).text
             if any(value for _, value in samples(text).get(ready, [])):
@@ -57,7 +57,7 @@ async def scrape_until(http_base: str, ready: str, deadline_s: float = 30.0) -> 
 
 
 async def test_real_metrics_are_fed_and_pass_promtool(
-    gateway: Gateway, specs: list[ModelSpec], http_base: str, api_key: str
+    gateway: Gateway, specs: list[ModelSpec], ops_base: str, api_key: str
 ) -> None:
     ctx = CallContext(api_key)
     await asyncio.gather(
@@ -66,10 +66,10 @@ async def test_real_metrics_are_fed_and_pass_promtool(
     )
     with pytest.raises(ModelNotFound):  # a made-up model name must not become a series of its own
         await gateway.core.embed(ctx, EmbedRequest("no-such-model-4711", ["x"]))
-    text = await scrape_until(http_base, "serving_ledger_write_lag_seconds_count")
+    text = await scrape_until(ops_base, "serving_ledger_write_lag_seconds_count")
     assert "no-such-model-4711" not in text
     assert any(labels["model"] == "unknown" for labels, _ in samples(text)["serving_requests_total"])
-    text = await scrape_until(http_base, "serving_model_replicas")
+    text = await scrape_until(ops_base, "serving_model_replicas")
     found = samples(text)
     batch_items = {labels["model"]: v for labels, v in found["serving_batch_size_items_sum"]}
     assert batch_items["minilm-l6"] >= 4 and batch_items["zero-shot"] >= 1
@@ -96,7 +96,7 @@ async def test_the_fair_queue_reports_shed_requests_by_reason(
 ) -> None:
     shed: list[tuple[str, str]] = []
     tight = [replace(spec, admission=ModelAdmission(max_concurrency=1)) for spec in specs]
-    caller = Authenticator(store, 5.0).authenticate(api_key)
+    caller = await Authenticator(store, 5.0).authenticate(api_key)
 
     full = Admission(
         MemoryQuota(), tight, AdmissionSettings(max_queue_per_partner=0), on_shed=lambda *a: shed.append(a)

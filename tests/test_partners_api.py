@@ -37,11 +37,11 @@ def bearer(key: str) -> dict[str, str]:
 
 
 async def test_partner_reads_only_its_own_usage(
-    gateway: Gateway, http_base: str, grpc_target: str, store: PartnerStore
+    gateway: Gateway, http_base: str, ops_base: str, grpc_target: str, store: PartnerStore
 ) -> None:
     a_id, a_key = new_partner(store)
     b_id, b_key = new_partner(store)
-    async with httpx.AsyncClient(base_url=http_base) as http:
+    async with httpx.AsyncClient(base_url=http_base) as http, httpx.AsyncClient(base_url=ops_base) as ops:
         for _ in range(2):
             assert (await http.post("/v1/embed", json=EMBED, headers=bearer(a_key))).status_code == 200
         assert (await http.post("/v1/embed", json=EMBED, headers=bearer(b_key))).status_code == 200
@@ -53,12 +53,12 @@ async def test_partner_reads_only_its_own_usage(
             assert sneaky.status_code == 400, sneaky.text
         assert (await http.get("/v1/usage")).status_code == 401
         # Admin routes: partner keys are refused, the admin token works.
-        assert (await http.get("/admin/v1/partners", headers=bearer(a_key))).status_code == 403
-        assert (await http.get("/admin/v1/partners")).status_code == 401
-        listed = await http.get("/admin/v1/partners", headers=ADMIN)
+        assert (await ops.get("/admin/v1/partners", headers=bearer(a_key))).status_code == 403
+        assert (await ops.get("/admin/v1/partners")).status_code == 401
+        listed = await ops.get("/admin/v1/partners", headers=ADMIN)
         assert listed.status_code == 200 and {a_id, b_id} <= {p["id"] for p in listed.json()}
         today = time.strftime("%Y-%m-%d", time.gmtime())
-        theirs = await http.get(
+        theirs = await ops.get(
             "/admin/v1/usage", params={"partner": b_id, "start_day": today, "end_day": today}, headers=ADMIN
         )
         assert sum(r["requests"] for r in theirs.json()) == 1
@@ -77,7 +77,9 @@ async def test_revoked_key_is_rejected_on_every_replica_within_5s(
             for base in bases:
                 assert (await http.post(f"{base}/v1/embed", json=EMBED, headers=bearer(key))).status_code == 200
             key_id = key.split("_")[1]
-            revoked = await http.post(f"{bases[1]}/admin/v1/keys/{key_id}/revoke", headers=ADMIN)
+            revoked = await http.post(
+                f"http://127.0.0.1:{second.ops_port}/admin/v1/keys/{key_id}/revoke", headers=ADMIN
+            )
             assert revoked.json() == {"key_id": key_id, "revoked": True}
             started = time.monotonic()
             pending = set(bases)
@@ -91,13 +93,15 @@ async def test_revoked_key_is_rejected_on_every_replica_within_5s(
 
 
 async def test_disabled_partner_finishes_in_flight_and_is_refused_after(
-    grpc_target: str, http_base: str, store: PartnerStore
+    grpc_target: str, http_base: str, ops_base: str, store: PartnerStore
 ) -> None:
     partner_id, key = new_partner(store)
     async with AsyncClient(grpc_target, key) as client, httpx.AsyncClient(base_url=http_base) as http:
         stream = client.generate_stream("Count from one to twenty.", temperature=0.0, max_tokens=40)
         first = await anext(stream)  # admitted and producing
-        disabled = await http.post(f"/admin/v1/partners/{partner_id}/disabled", json={"disabled": True}, headers=ADMIN)
+        disabled = await http.post(
+            f"{ops_base}/admin/v1/partners/{partner_id}/disabled", json={"disabled": True}, headers=ADMIN
+        )
         assert disabled.json()["disabled"] is True
         events = [first] + [event async for event in stream]
         assert events[-1].usage.output_tokens > 0  # type: ignore[union-attr]

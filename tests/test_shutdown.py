@@ -29,7 +29,7 @@ async def test_sigterm_finishes_in_flight_requests(
     target = f"127.0.0.1:{ports['grpc_port']}"
     async with (
         AsyncClient(target, api_key) as client,
-        httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['http_port']}") as http,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['ops_port']}") as http,
     ):
         calls = [
             asyncio.create_task(client.generate(f"Count from 1 to {20 + i}.", temperature=0.0, max_tokens=48))

@@ -32,7 +32,7 @@ def test_error_table_codes() -> None:
     assert all(kind.http_status != 500 for kind in ERROR_TABLE.values())
 
 
-def test_keys_are_hashed_and_checked(tmp_path: Path) -> None:
+async def test_keys_are_hashed_and_checked(tmp_path: Path) -> None:
     store = PartnerStore(Database(str(tmp_path / "db.sqlite")))
     partner = store.create_partner("p")
     key = store.issue_key(partner.id)
@@ -42,14 +42,14 @@ def test_keys_are_hashed_and_checked(tmp_path: Path) -> None:
     assert key.encode() not in raw and key.split("_", 2)[2].encode() not in raw
     now = [0.0]
     auth = Authenticator(store, ttl_s=5.0, clock=lambda: now[0])
-    assert auth.authenticate(key).partner_id == partner.id
+    assert (await auth.authenticate(key)).partner_id == partner.id
     with pytest.raises(Exception, match="unknown API key"):
-        auth.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B"))
+        await auth.authenticate(key[:-1] + ("A" if key[-1] != "A" else "B"))
     store.revoke_key(parsed.key_id)
-    assert auth.authenticate(key).partner_id == partner.id  # still cached
+    assert (await auth.authenticate(key)).partner_id == partner.id  # still cached
     now[0] = 6.0
     with pytest.raises(Exception, match="revoked"):
-        auth.authenticate(key)
+        await auth.authenticate(key)
 
 
 async def test_microbatch_flushes_on_size_and_on_deadline() -> None:

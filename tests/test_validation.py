@@ -126,7 +126,7 @@ async def test_grpc_malformed_bytes_deadline_and_size(grpc_target: str, api_key:
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-async def test_no_input_gave_internal(http_base: str, api_key: str) -> None:
-    async with httpx.AsyncClient(base_url=http_base) as http:
+async def test_no_input_gave_internal(ops_base: str, api_key: str) -> None:
+    async with httpx.AsyncClient(base_url=ops_base) as http:
         metrics = (await http.get("/metrics")).text
     assert 'status="internal"' not in metrics

@@ -57,7 +57,7 @@ class FixedAuthenticator:
     def __init__(self, caller: Caller) -> None:
         self.caller = caller
 
-    def authenticate(self, _api_key: str | None) -> Caller:
+    async def authenticate(self, _api_key: str | None) -> Caller:
         return self.caller
 
 
@@ -119,7 +119,7 @@ class OffGateway:
         from serving.gateway.grpc import build_grpc_server
 
         s = self.settings
-        server, self.grpc_port = await build_grpc_server(
+        server, self.grpc_port, _health = await build_grpc_server(
             self.core, s.grpc_host, s.grpc_port, s.limits.max_request_bytes
         )
         await server.start()

@@ -100,6 +100,7 @@ def start_stack(tmp: Path, hardware: Hardware) -> Stack:
         model_cache_dir=CACHE_DIR,
         grpc_port=0,
         http_port=0,
+        ops_port=0,
         shutdown_grace_s=1.0,
     ).validate()
     specs = load_registry(registry)

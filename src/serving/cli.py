@@ -13,7 +13,7 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serving.cli_admin import add_admin_commands
 from serving.models.registry import load_registry
@@ -23,12 +23,15 @@ from serving.partners.store import PartnerStore
 from serving.settings import Settings, load_settings
 from serving.storage.database import Database
 
+if TYPE_CHECKING:
+    from serving.gateway.app import Gateway
+
 log = logging.getLogger("serving")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    for name in ("data_dir", "grpc_port", "http_port", "ray_address", "model_registry"):
+    for name in ("data_dir", "grpc_port", "http_port", "ops_port", "ray_address", "model_registry"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = Path(value) if name in ("data_dir", "model_registry") else value
@@ -62,17 +65,19 @@ def _admin_token(settings: Settings) -> Settings:
     return replace(settings, admin_token=path.read_text().strip())
 
 
-def _banner(settings: Settings, grpc_port: int, http_port: int, key: str) -> str:
-    http = f"http://{settings.http_host}:{http_port}"
-    grpc_addr = f"{settings.grpc_host}:{grpc_port}"
+def _banner(settings: Settings, gateway: Gateway, key: str) -> str:
+    http = f"http://{settings.http_host}:{gateway.http_port}"
+    ops = f"http://{settings.ops_host}:{gateway.ops_port}"
+    grpc_addr = f"{settings.grpc_host}:{gateway.grpc_port}"
     question = {"role": "user", "content": "What is the capital of France?"}
     chat = json.dumps({"model": "smollm2-135m-instruct", "messages": [question]})
     return f"""
 Partner model API is up.
   gRPC  {grpc_addr}   (serving.v1.InferenceService, ModelService; health + reflection on)
-  HTTP  {http}   (OpenAPI: {http}/docs · metrics: {http}/metrics)
+  HTTP  {http}   (OpenAPI: {http}/docs)
+  ops   {ops}   (private: /metrics, admin API {ops}/admin/v1/partners, /healthz, /readyz)
   demo API key: {key}   (also in {settings.demo_key_path})
-  admin token in {settings.admin_token_path} (admin API: {http}/admin/v1/partners)
+  admin token in {settings.admin_token_path}
 
 Try it:
   curl -s {http}/v1/embeddings -H "Authorization: Bearer $(cat {settings.demo_key_path})" \\
@@ -86,18 +91,23 @@ Ctrl-C stops everything.
 """
 
 
-async def _start_billing(settings: Settings, http_port: int) -> tuple[asyncio.subprocess.Process | None, str]:
+async def _start_billing(settings: Settings, ops_port: int) -> tuple[asyncio.subprocess.Process | None, str]:
     """``serving run`` starts the usage-billing service (services/billing) beside the gateway: it scrapes the
-    gateway's /metrics and reads the ledger. ``BILLING_*`` variables in the environment take precedence."""
+    gateway's ops listener (/metrics) and reads the ledger; its API takes the same admin token. ``BILLING_*``
+    variables in the environment take precedence."""
     defaults = {
         "BILLING_DATA_DIR": str(settings.data_dir),
-        "BILLING_SCRAPE_TARGETS": f"http://{settings.http_host}:{http_port}/metrics",
+        "BILLING_SCRAPE_TARGETS": f"http://{settings.ops_host}:{ops_port}/metrics",
+        "BILLING_ADMIN_TOKEN": settings.admin_token or "",
         "BILLING_LEDGER_DATABASE_URL": settings.ledger_db_url,
         "BILLING_PARTNERS_DATABASE_URL": settings.partners_db_url,
     }
+    # Its own session: Ctrl-C must not reach billing before the gateway drained (its exit scrape reads the final
+    # counters); ``serving run`` terminates it after the drain.
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "billing.cli", "serve", env={**defaults, **os.environ}, stdout=asyncio.subprocess.PIPE
-    )
+        sys.executable, "-m", "billing.cli", "serve",
+        env={**defaults, **os.environ}, stdout=asyncio.subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
     assert process.stdout is not None
     while line := await process.stdout.readline():  # billing's own readiness line
         if line.startswith(b"READY "):
@@ -118,20 +128,25 @@ async def _serve_until_signal(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    billing, billing_url = await _start_billing(settings, gateway.http_port) if key is not None else (None, "")
+    billing, billing_url = await _start_billing(settings, gateway.ops_port) if key is not None else (None, "")
     if key is not None:
-        print(_banner(settings, gateway.grpc_port, gateway.http_port, key), flush=True)
+        print(_banner(settings, gateway, key), flush=True)
     if billing_url:
         print(f"Usage billing: {billing_url}  (invoices: {billing_url}/v1/invoices · metrics: {billing_url}/metrics)")
     # One machine-readable line for scripts and tests that start a gateway on port 0.
-    print("READY " + json.dumps({"grpc_port": gateway.grpc_port, "http_port": gateway.http_port}), flush=True)
+    ports = {"grpc_port": gateway.grpc_port, "http_port": gateway.http_port, "ops_port": gateway.ops_port}
+    print("READY " + json.dumps(ports), flush=True)
     await stop.wait()
     log.info("stopping: draining in-flight requests (grace %.0f s)", settings.shutdown_grace_s)
-    await gateway.stop()
-    if billing is not None:
-        with contextlib.suppress(ProcessLookupError):  # Ctrl-C reached its process group too: it may be gone
-            billing.terminate()
-        await billing.wait()
+    await gateway.drain()
+    if billing is None:
+        await gateway.close()  # waits (bounded) for whoever scrapes this gateway to read the final counters
+        return
+    # Billing scrapes the final counters on its way out (SIGTERM), while the ops listener is still up.
+    with contextlib.suppress(ProcessLookupError):  # Ctrl-C reached its process group too: it is stopping already
+        billing.terminate()
+    await billing.wait()
+    await gateway.close(final_scrape_wait_s=0)
 
 
 def _ray_env() -> dict[str, Any]:
@@ -195,6 +210,7 @@ def parser() -> argparse.ArgumentParser:
     for sub in (run, gateway):
         sub.add_argument("--grpc-port", dest="grpc_port", type=int)
         sub.add_argument("--http-port", dest="http_port", type=int)
+        sub.add_argument("--ops-port", dest="ops_port", type=int, help="metrics, admin API, health (private)")
         sub.add_argument("--ray-address", dest="ray_address")
         sub.add_argument("--model-registry", dest="model_registry")
     run.set_defaults(func=cmd_run)

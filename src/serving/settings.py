@@ -68,8 +68,14 @@ class Settings:
     grpc_port: int = 50051
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # The ops listener: /metrics, /admin/v1, health and readiness. Never on the partner port; keep it private.
+    ops_host: str = "127.0.0.1"
+    ops_port: int = 8090
     http_timeout_s: float = 60.0
     shutdown_grace_s: float = 20.0
+    # After a graceful stop drained every request, the ops listener stays up until one more /metrics scrape reads
+    # the final counters (only when something scraped this gateway before), at most this long.
+    final_scrape_wait_s: float = 30.0
     ray_address: str | None = None
     ray_num_cpus: int | None = None
     serve_app_name: str = "models"
@@ -82,6 +88,7 @@ class Settings:
     redis_url: str | None = None
     quota_failure_policy: str = "closed"  # when Redis is unreachable: "closed" rejects (503), "open" admits
     redis_timeout_s: float = 2.0  # past this a quota call counts as "Redis unreachable"
+    quota_lease_s: float | None = None  # concurrency lease lifetime; None: http_timeout_s + admission wait + grace
     admin_token: str | None = None
     gateway_id: str = "gateway-0"  # names this replica's usage journal; unique per replica sharing a data dir
     ledger_flush_interval_s: float = 0.05
@@ -120,12 +127,12 @@ class Settings:
         return self.data_dir / "demo-api-key"
 
     def validate(self) -> Settings:
-        for name in ("grpc_port", "http_port"):
+        for name in ("grpc_port", "http_port", "ops_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise SettingsError(f"{name} must be in 0..65535; got {port}")
-        if self.http_timeout_s <= 0 or self.shutdown_grace_s < 0:
-            raise SettingsError("http_timeout_s must be > 0 and shutdown_grace_s >= 0")
+        if self.http_timeout_s <= 0 or self.shutdown_grace_s < 0 or self.final_scrape_wait_s < 0:
+            raise SettingsError("http_timeout_s must be > 0, shutdown_grace_s and final_scrape_wait_s >= 0")
         if self.batching.max_batch_size < 1 or self.batching.max_wait_ms < 0:
             raise SettingsError("batching needs max_batch_size >= 1 and max_wait_ms >= 0")
         if self.quota_failure_policy not in ("closed", "open"):

@@ -1,6 +1,8 @@
-"""Builds the gateway (core, both front doors) over model handles and runs it until told to stop.
+"""Builds the gateway (core, both front doors, the ops listener) over model handles and runs it until told to stop.
 
-Shutdown is graceful: both servers stop accepting, in-flight requests get ``shutdown_grace_s`` to finish.
+Shutdown is graceful: readiness turns false, new calls get UNAVAILABLE, in-flight requests get
+``shutdown_grace_s`` to finish, the ledger is flushed, and the ops listener waits for a last scrape of the final
+counters before it closes.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from transformers import AutoConfig
 
 from serving.domain import Task
 from serving.gateway.core import Core
-from serving.gateway.grpc import build_grpc_server
+from serving.gateway.grpc import Health, build_grpc_server
 from serving.gateway.http import build_http_app
 from serving.gateway.http_admin import admin_router
 from serving.gateway.http_common import HttpConfig
+from serving.gateway.http_ops import build_ops_app
 from serving.gateway.router import ModelRoute, Router, replica_counts
 from serving.metering.ledger import Ledger
 from serving.metering.usage import usage_by_day
@@ -57,14 +60,16 @@ def build_routes(specs: list[ModelSpec], handles: dict[str, Any], cache_dir: Pat
 
 @dataclass
 class _Readiness:
+    """ "ready", "loading" (a model application is not RUNNING yet) or "draining" (a graceful stop began)."""
+
     app_names: list[str]
     checked_at: float = -1e9
     ready: bool = False
     stopping: bool = False
 
-    def __call__(self) -> bool:
+    def __call__(self) -> str:
         if self.stopping:
-            return False
+            return "draining"
         now = time.monotonic()
         if now - self.checked_at > _READY_CACHE_S:
             try:
@@ -73,18 +78,23 @@ class _Readiness:
                 log.warning("readiness check failed", exc_info=True)
                 self.ready = False
             self.checked_at = now
-        return self.ready
+        return "ready" if self.ready else "loading"
 
 
 def build_quota(settings: Settings, metrics: Metrics) -> QuotaBackend:
     """In-process for one replica; Redis when replicas share quota."""
+    # A lease outlives the longest request: its wait in the fair queue, its timeout, the shutdown grace.
+    lease_s = settings.quota_lease_s or (
+        settings.admission.max_wait_s + settings.http_timeout_s + settings.shutdown_grace_s
+    )
     if settings.redis_url is None:
-        return MemoryQuota()
+        return MemoryQuota(lease_s=lease_s)
     return RedisQuota(
         settings.redis_url,
         fail_open=settings.quota_failure_policy == "open",
         on_fail_open=metrics.quota_fail_open.inc,
         timeout_s=settings.redis_timeout_s,
+        lease_s=lease_s,
     )
 
 
@@ -122,11 +132,17 @@ class Gateway:
         self.app_names = {spec.id: f"{settings.serve_app_name}-{spec.id}" for spec in specs}
         self.readiness = _Readiness(list(self.app_names.values()))
         self._replica_task: asyncio.Task[None] | None = None
+        self._ready_task: asyncio.Task[None] | None = None
         self.grpc_port = 0
         self.http_port = 0
+        self.ops_port = 0
         self._grpc_server: Any = None  # a grpc.aio.Server; only the front doors import grpc
-        self._http_server: uvicorn.Server | None = None
-        self._http_task: asyncio.Task[None] | None = None
+        self._health: Health | None = None
+        self._http: tuple[uvicorn.Server, asyncio.Task[None], int] | None = None
+        self._ops: tuple[uvicorn.Server, asyncio.Task[None], int] | None = None
+        self._scrapes = 0  # /metrics reads on the ops listener
+        self._drained = False
+        self._final_scrape = asyncio.Event()  # a scrape after the drain read the final counters
 
     def _count_shed(self, model: str, reason: str) -> None:
         self.metrics.shed.labels(model, reason).inc()
@@ -151,51 +167,100 @@ class Gateway:
                 self.metrics.running_sequences.labels(model).set(stats["running"])
                 self.metrics.waiting_sequences.labels(model).set(stats["waiting"])
 
+    async def _watch_readiness(self) -> None:
+        """Keeps gRPC health in step with model readiness (``/readyz`` asks on each probe)."""
+        assert self._health is not None
+        while not self.readiness.stopping:
+            state = await asyncio.to_thread(self.readiness)
+            if state != "draining":
+                await self._health.models_ready(state == "ready")
+            await asyncio.sleep(_READY_CACHE_S / 2)
+
+    def _scraped(self) -> None:
+        self._scrapes += 1
+        if self._drained:
+            self._final_scrape.set()
+
+    async def _serve_http(self, app: Any, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+        # Bind the socket ourselves so the port (possibly 0) is known before serving starts.
+        sock = socket.create_server((host, port), reuse_port=False)
+        config = uvicorn.Config(
+            app,
+            log_level="warning",
+            timeout_graceful_shutdown=int(max(1, self.settings.shutdown_grace_s)),
+            lifespan="off",
+            access_log=False,
+        )
+        server = uvicorn.Server(config)
+        # The socket already listens, so connections queue until uvicorn accepts them.
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        return server, task, int(sock.getsockname()[1])
+
     async def start(self) -> None:
         s = self.settings
         self._replica_task = asyncio.create_task(self.poll_replicas())
-        grpc_server, self.grpc_port = await build_grpc_server(
+        grpc_server, self.grpc_port, self._health = await build_grpc_server(
             self.core, s.grpc_host, s.grpc_port, s.limits.max_request_bytes
         )
         await grpc_server.start()
         self._grpc_server = grpc_server
-        app = build_http_app(
-            self.core,
-            self.metrics,
-            HttpConfig(s.limits.max_request_bytes, s.http_timeout_s),
-            self.readiness,
-            admin_router(self.store, self.ledger.db, s.admin_token),
+        self._ready_task = asyncio.create_task(self._watch_readiness())
+        partner_app = build_http_app(
+            self.core, HttpConfig(s.limits.max_request_bytes, s.http_timeout_s), self.readiness
         )
-        # Bind the socket ourselves so the port (possibly 0) is known before serving starts.
-        sock = socket.create_server((s.http_host, s.http_port), reuse_port=False)
-        self.http_port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            timeout_graceful_shutdown=int(max(1, s.shutdown_grace_s)),
-            lifespan="off",
-            access_log=False,
-        )
-        self._http_server = uvicorn.Server(config)
-        # The socket already listens, so connections queue until uvicorn accepts them.
-        self._http_task = asyncio.create_task(self._http_server.serve(sockets=[sock]))
+        self._http = await self._serve_http(partner_app, s.http_host, s.http_port)
+        self.http_port = self._http[2]
+        admin = admin_router(self.store, self.ledger.db, s.admin_token)
+        ops_app = build_ops_app(self.metrics, self.readiness, admin, on_scrape=self._scraped)
+        self._ops = await self._serve_http(ops_app, s.ops_host, s.ops_port)
+        self.ops_port = self._ops[2]
 
-    async def stop(self) -> None:
-        """Stop accepting; let in-flight requests finish within the grace period."""
+    async def drain(self) -> None:
+        """The first half of a graceful stop: readiness turns false on both doors, new inference calls get
+        UNAVAILABLE, calls in flight get ``shutdown_grace_s`` to finish, then the partner listeners close and the
+        ledger stores every record. The ops listener stays up (billing reads the final counters)."""
         self.readiness.stopping = True
-        if self._replica_task is not None:
-            self._replica_task.cancel()
+        self.core.start_draining()
+        for task in (self._replica_task, self._ready_task):
+            if task is not None:
+                task.cancel()
+        if self._health is not None:
+            await self._health.draining()
         grace = self.settings.shutdown_grace_s
-        tasks: list[Any] = [self._replica_task] if self._replica_task is not None else []
+        started = time.monotonic()
+        if not await self.core.wait_idle(grace):
+            log.warning("calls still in flight after the %.0f s grace period", grace)
+        remaining = max(0.0, grace - (time.monotonic() - started))
+        closing: list[Any] = [t for t in (self._replica_task, self._ready_task) if t is not None]
         if self._grpc_server is not None:
-            tasks.append(self._grpc_server.stop(grace))
-        if self._http_server is not None and self._http_task is not None:
-            self._http_server.should_exit = True
-            tasks.append(self._http_task)
-        await asyncio.gather(*tasks, return_exceptions=True)
+            closing.append(self._grpc_server.stop(remaining))
+        if self._http is not None:
+            self._http[0].should_exit = True
+            closing.append(self._http[1])
+        await asyncio.gather(*closing, return_exceptions=True)
         await self.core.drain()
         # Every request has finished: flush the ledger before the process may exit.
         await asyncio.to_thread(self.ledger.close)
+        self._drained = True
+
+    async def close(self, final_scrape_wait_s: float | None = None) -> None:
+        """The second half: waits (bounded) for one more scrape of the final counters when this gateway has been
+        scraped before, then closes the ops listener and the stores."""
+        wait_s = self.settings.final_scrape_wait_s if final_scrape_wait_s is None else final_scrape_wait_s
+        if self._scrapes and wait_s > 0:
+            try:
+                async with asyncio.timeout(wait_s):
+                    await self._final_scrape.wait()
+            except TimeoutError:
+                log.warning("no /metrics scrape within %.0f s after the drain; the last counters may be lost", wait_s)
+        if self._ops is not None:
+            self._ops[0].should_exit = True
+            await asyncio.gather(self._ops[1], return_exceptions=True)
         self.ledger.db.close()
         await self.quota.close()
         await asyncio.to_thread(self.tracing.shutdown)  # flushes spans still queued for export
+
+    async def stop(self, final_scrape_wait_s: float | None = None) -> None:
+        """A whole graceful stop: ``drain()`` then ``close()``."""
+        await self.drain()
+        await self.close(final_scrape_wait_s)

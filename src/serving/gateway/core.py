@@ -8,10 +8,12 @@ and every request ends in exactly one metrics observation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -31,7 +33,15 @@ from serving.domain import (
     TextDelta,
     Usage,
 )
-from serving.errors import AlreadyExists, DeadlineExceeded, PermissionDenied, QuotaExceeded, ServingError, describe
+from serving.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    PermissionDenied,
+    QuotaExceeded,
+    ServingError,
+    Unavailable,
+    describe,
+)
 from serving.gateway import validation
 from serving.gateway.router import ModelRoute, Router
 from serving.metering.record import UsageRecord
@@ -128,6 +138,31 @@ class _StreamPace:
         self._last = now
 
 
+class EventStream:
+    """An admitted generation stream: iterate it for ``TextDelta`` events and one final ``GenerateResult``, and
+    always ``aclose()`` it. Closing one that was never iterated still finishes (meters) its call."""
+
+    def __init__(self, events: AsyncIterator[StreamEvent], abandoned: Callable[[], Awaitable[None]]) -> None:
+        self._events = events
+        self._abandoned = abandoned
+        self._started = False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> StreamEvent:
+        self._started = True
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        if not self._started:
+            self._started = True
+            await self._abandoned()
+        aclose = getattr(self._events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 class Core:
     def __init__(
         self,
@@ -148,6 +183,9 @@ class Core:
         self._admission = admission
         self._ledger = ledger
         self._usage = usage
+        self._active = 0  # calls begun and not yet finished
+        self._idle = asyncio.Event()
+        self.draining = False
 
     # --- the operations -------------------------------------------------------------------------------
 
@@ -186,17 +224,20 @@ class Core:
         # The same path as streaming, so that temperature-0 output is identical either way.
         text: list[str] = []
         final: GenerateResult | None = None
-        async for event in await self.generate_stream(ctx, req):
-            if isinstance(event, TextDelta):
-                text.append(event.text)
-            else:
-                final = event
+        async with contextlib.aclosing(await self.generate_stream(ctx, req)) as stream:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    text.append(event.text)
+                else:
+                    final = event
         if final is None:
             raise AssertionError("a generation stream ended without its final event")
         return GenerateResult(final.model, "".join(text), final.finish_reason, final.usage, final.request_id)
 
-    async def generate_stream(self, ctx: CallContext, req: GenerateRequest) -> AsyncIterator[StreamEvent]:
-        """Authenticates, validates and admits now (errors raise before any event); then streams."""
+    async def generate_stream(self, ctx: CallContext, req: GenerateRequest) -> EventStream:
+        """Authenticates, validates and admits now (errors raise before any event); then streams. The caller
+        must ``aclose()`` the stream whatever happens (``contextlib.aclosing``): that settles a stream it
+        never iterated too."""
         call = self._begin("generate", req.model)
         try:
             route = await self._prepare(call, ctx, req.request_id, Task.GENERATE)
@@ -208,12 +249,22 @@ class Core:
             call.fail(exc)
             await self._finish(call)
             raise
-        return self._stream(call, ctx, route, GenerateItem(prompt_ids=prompt, params=params))
+        item = GenerateItem(prompt_ids=prompt, params=params)
+        return EventStream(self._stream(call, ctx, route, item), functools.partial(self._abandoned, call, item))
+
+    async def _abandoned(self, call: _Call, item: GenerateItem) -> None:
+        """A stream closed before its first event was asked for (the client left before the body started)."""
+        call.status = "cancelled"
+        call.usage = Usage(len(item.prompt_ids), 0)
+        await self._finish(call)
 
     async def _stream(
         self, call: _Call, ctx: CallContext, route: ModelRoute, item: GenerateItem
     ) -> AsyncIterator[StreamEvent]:
-        sent_tokens = 0  # output tokens whose text the consumer has taken: what a stream that stops now is billed
+        # Output tokens whose text was handed to the front door: what a stream that stops now is billed. A delta
+        # counts from the moment it is handed over, so a cancel that lands while the transport sends it can
+        # only over-bill by that one delta (the client may not have got it), never under-bill.
+        sent_tokens = 0
         deadline = None if ctx.timeout_s is None else asyncio.get_running_loop().time() + ctx.timeout_s
         pace = _StreamPace(self._metrics, call.model, call.started_perf)
         try:
@@ -229,9 +280,8 @@ class Core:
                             return
                         if event.text:
                             pace.chunk()
+                            sent_tokens = event.tokens
                             yield TextDelta(event.text, event.tokens)
-                        # Only now, resumed for more, do we know the consumer handed the chunk to its transport.
-                        sent_tokens = event.tokens
         except BaseException as exc:
             if call.finished:  # the final event was delivered; closing the stream afterwards changes nothing
                 raise
@@ -244,7 +294,7 @@ class Core:
             await self._finish(call)
 
     async def list_models(self, ctx: CallContext) -> list[ModelInfo]:
-        caller = self.authenticate(ctx)
+        caller = await self.authenticate(ctx)
         return [m for m in self.models() if caller.plan.allows_model(m.id)]
 
     def models(self) -> list[ModelInfo]:
@@ -261,14 +311,14 @@ class Core:
 
     async def usage(self, ctx: CallContext, start_day: str, end_day: str) -> UsageReport:
         """The caller's own usage by day, model and operation; the key alone decides whose."""
-        caller = self.authenticate(ctx)
+        caller = await self.authenticate(ctx)
         start, end = validation.day_range(start_day, end_day, datetime.datetime.now(datetime.UTC).date())
         rows = await asyncio.to_thread(self._usage, caller.partner_id, start, end)
         return UsageReport(caller.partner_id, start, end, rows)
 
-    def authenticate(self, ctx: CallContext) -> Caller:
+    async def authenticate(self, ctx: CallContext) -> Caller:
         """For routes outside the inference path (usage): the same key check and IP rule."""
-        caller = self._auth.authenticate(ctx.api_key)
+        caller = await self._auth.authenticate(ctx.api_key)
         if not caller.plan.allows_ip(ctx.peer):
             raise PermissionDenied(f"requests from {ctx.peer} are not in your plan's IP allowlist", param="peer")
         return caller
@@ -277,13 +327,32 @@ class Core:
 
     def _begin(self, operation: str, model: str) -> _Call:
         self._metrics.in_flight.labels(operation).inc()
+        self._active += 1
+        self._idle.clear()
         return _Call(operation, model)
+
+    def start_draining(self) -> None:
+        """A graceful stop: new inference calls get UNAVAILABLE (retry elsewhere); calls in flight go on."""
+        self.draining = True
+        if not self._active:
+            self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """After ``start_draining``: waits until every call has finished; False when the timeout came first."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _prepare(self, call: _Call, ctx: CallContext, request_id: str, task: Task) -> ModelRoute:
         call.peer = ctx.peer
+        if self.draining:
+            raise Unavailable("this gateway is shutting down; retry (another replica answers)", retry_after_s=1.0)
         call.span = self._tracing.start_request(call.operation, call.model, ctx.traceparent, ctx.tracestate)
         with self._tracing.stage("prepare", call.span):
-            call.caller = self.authenticate(ctx)
+            call.caller = await self.authenticate(ctx)
             call.request_id = ctx.meta.request_id = validation.request_id(request_id)
             route = self._router.route(call.model, task)
             if not call.caller.plan.allows_model(call.model):
@@ -345,6 +414,9 @@ class Core:
         if call.finished:
             return
         call.finished = True
+        self._active -= 1
+        if self.draining and not self._active:
+            self._idle.set()
         finished_at = time.time()
         if call.entered:
             self._admission.leave(call.model)

@@ -7,6 +7,7 @@ Handlers are wired by hand (not the generated ``add_*_to_server``) so that a bod
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -151,9 +152,10 @@ class GrpcFrontDoor:
                     raise request.error
                 assert isinstance(request, inference_pb2.GenerateRequest)
                 stream = await self._core.generate_stream(ctx, convert.generate_request(request))
-                await context.send_initial_metadata(response_pairs(ctx.meta))
-                async for event in stream:
-                    yield convert.stream_event(event)
+                async with contextlib.aclosing(stream):
+                    await context.send_initial_metadata(response_pairs(ctx.meta))
+                    async for event in stream:
+                        yield convert.stream_event(event)
             except Exception as exc:
                 await context.abort_with_status(rich_status(exc, ctx.meta))
 
@@ -208,18 +210,49 @@ def _serialize(message: Message) -> bytes:
     return bytes(message.SerializeToString())
 
 
-async def build_grpc_server(core: Core, host: str, port: int, max_request_bytes: int) -> tuple[grpc.aio.Server, int]:
-    """The server with inference, models, health and reflection; returns it with its bound port."""
+class Health:
+    """``grpc.health.v1`` as the truth: NOT_SERVING until the models are ready and again from the moment a
+    graceful stop begins. The overall status ("") and ``serving.v1.InferenceService`` follow model readiness;
+    the model list and usage services need no model and serve while the gateway is not draining."""
+
+    _MODEL_FREE = (MODEL_SERVICE, USAGE_SERVICE)
+
+    def __init__(self) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self._ready: bool | None = None
+
+    async def starting(self) -> None:
+        for service in ("", INFERENCE_SERVICE):
+            await self.servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for service in self._MODEL_FREE:
+            await self.servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    async def models_ready(self, ready: bool) -> None:
+        if ready == self._ready:
+            return
+        self._ready = ready
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", INFERENCE_SERVICE):
+            await self.servicer.set(service, status)
+
+    async def draining(self) -> None:
+        """Every service NOT_SERVING, for good (later readiness changes are ignored)."""
+        await self.servicer.enter_graceful_shutdown()
+
+
+async def build_grpc_server(
+    core: Core, host: str, port: int, max_request_bytes: int
+) -> tuple[grpc.aio.Server, int, Health]:
+    """The server with inference, models, health and reflection; returns it with its bound port and health."""
     # grpc's own cap sits well above ours so that oversize bodies reach our check and get INVALID_ARGUMENT.
     cap = max(16 * 1024 * 1024, 4 * max_request_bytes)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", cap), ("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers(GrpcFrontDoor(core, max_request_bytes).handlers())
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_state = Health()
+    health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)
     reflection.enable_server_reflection(
         (INFERENCE_SERVICE, MODEL_SERVICE, USAGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     bound = server.add_insecure_port(f"{host}:{port}")
-    for service in ("", INFERENCE_SERVICE, MODEL_SERVICE, USAGE_SERVICE):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
+    await health_state.starting()
+    return server, bound, health_state

@@ -1,18 +1,15 @@
-"""The HTTP front door: native ``/v1`` routes mirroring the gRPC API, the OpenAI-compatible routes
-(``http_openai``), health, readiness and metrics. Errors leave through the one error table with the body
+"""The HTTP front door on the partner port: native ``/v1`` routes mirroring the gRPC API, the OpenAI-compatible
+routes (``http_openai``), health and readiness. Metrics and the admin API live on the ops listener
+(``http_ops``), never here. Errors leave through the one error table with the body
 ``{"error": {"message", "type", "code", "param"}}``."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 
 from serving.domain import (
     ClassifyRequest,
@@ -20,26 +17,24 @@ from serving.domain import (
     GenerateRequest,
     GenerateResult,
     ModelInfo,
-    StreamEvent,
     TextDelta,
 )
-from serving.errors import InvalidInput, RouteNotFound, ServingError
+from serving.errors import InvalidInput
 from serving.gateway import http_schemas as schemas
-from serving.gateway.core import Core
+from serving.gateway.core import Core, EventStream
 from serving.gateway.http_common import (
     BodyLimit,
     HttpConfig,
+    ReadyCheck,
     ResponseHeaders,
     call_context,
     error_response,
+    health_routes,
+    install_error_handlers,
     request_id_header,
     sse,
-    validation_response,
 )
 from serving.gateway.http_openai import openai_router
-from serving.observability.metrics import Metrics
-
-log = logging.getLogger("serving.http")
 
 
 def usage_body(result: GenerateResult) -> schemas.UsageBody:
@@ -85,7 +80,7 @@ def _generate_reply(result: GenerateResult) -> schemas.GenerateReply:
     )
 
 
-async def _native_events(stream: AsyncIterator[StreamEvent]) -> AsyncIterator[str]:
+async def _native_events(stream: EventStream) -> AsyncIterator[str]:
     try:
         async for event in stream:
             if isinstance(event, TextDelta):
@@ -97,9 +92,7 @@ async def _native_events(stream: AsyncIterator[StreamEvent]) -> AsyncIterator[st
         yield f"event: error\ndata: {bytes(error_response(exc).body).decode()}\n\n"
 
 
-def build_http_app(
-    core: Core, metrics: Metrics, config: HttpConfig, ready: Callable[[], bool], admin: APIRouter | None = None
-) -> FastAPI:
+def build_http_app(core: Core, config: HttpConfig, ready: ReadyCheck) -> FastAPI:
     app = FastAPI(
         title="Partner model API",
         version="1.0.0",
@@ -109,40 +102,8 @@ def build_http_app(
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     app.add_middleware(ResponseHeaders)
 
-    @app.exception_handler(RequestValidationError)
-    async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_response(exc)
-
-    @app.exception_handler(ServingError)
-    async def _on_domain(_request: Request, exc: ServingError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _on_http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        # FastAPI raises these for bodies it cannot read (e.g. invalid UTF-8) and for unknown routes.
-        if exc.status_code == 404:
-            return error_response(RouteNotFound(f"no route {_request.method} {_request.url.path}; see /docs"))
-        if exc.status_code == 405:
-            return error_response(InvalidInput(f"method {_request.method} is not allowed on {_request.url.path}"))
-        return error_response(InvalidInput(f"the body cannot be read: {exc.detail} (send UTF-8 JSON)"))
-
-    @app.exception_handler(Exception)
-    async def _on_bug(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(exc)
-
-    @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict[str, str]:
-        return {"status": "alive"}
-
-    @app.get("/readyz", tags=["ops"])
-    async def readyz() -> Response:
-        ok = await asyncio.to_thread(ready)  # asks the Serve controller: keep it off the event loop
-        return JSONResponse({"status": "ready" if ok else "loading"}, status_code=200 if ok else 503)
-
-    @app.get("/metrics", tags=["ops"])
-    async def prometheus() -> Response:
-        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+    install_error_handlers(app)
+    health_routes(app, ready)
 
     @app.post("/v1/embed", response_model=schemas.EmbedReply, tags=["inference"])
     async def embed(body: schemas.EmbedBody, request: Request) -> schemas.EmbedReply:
@@ -183,7 +144,7 @@ def build_http_app(
     @app.post("/v1/generate/stream", tags=["inference"], response_class=StreamingResponse)
     async def generate_stream(body: schemas.GenerateBody, request: Request) -> StreamingResponse:
         stream = await core.generate_stream(call_context(request, config), _generate_request(body, request))
-        return sse(_native_events(stream))
+        return sse(_native_events(stream), stream)
 
     @app.get("/v1/models", response_model=schemas.ModelList, tags=["models"])
     async def models(request: Request) -> schemas.ModelList:
@@ -207,6 +168,4 @@ def build_http_app(
         )
 
     app.include_router(openai_router(core, config))
-    if admin is not None:
-        app.include_router(admin)
     return app

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from fastapi import Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import InvalidInput, PayloadTooLarge, ServingError, describe, public_message
+from serving.errors import InvalidInput, PayloadTooLarge, RouteNotFound, ServingError, describe, public_message
 from serving.gateway import http_schemas as schemas
-from serving.gateway.core import CallContext
+from serving.gateway.core import CallContext, EventStream
 from serving.gateway.headers import response_pairs, retry_after
+
+log = logging.getLogger("serving.http")
+
+# What readiness reports: "ready", or why not ("loading" while models start, "draining" on a graceful stop).
+ReadyCheck = Callable[[], str]
 
 
 @dataclass(frozen=True)
@@ -128,5 +137,51 @@ def request_id_header(request: Request) -> str:
     return request.headers.get("idempotency-key") or request.headers.get("x-request-id") or ""
 
 
-def sse(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+def sse(events: AsyncIterator[str], stream: EventStream) -> StreamingResponse:
+    """Server-sent events from ``events`` (rendered from ``stream``). The stream is closed once the response
+    ends, even when the client left before the body started (then nothing iterated it)."""
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"cache-control": "no-cache"},
+        background=BackgroundTask(stream.aclose),
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves through the one error table, on the partner and the ops listener alike."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_response(exc)
+
+    @app.exception_handler(ServingError)
+    async def _on_domain(_request: Request, exc: ServingError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI raises these for bodies it cannot read (e.g. invalid UTF-8) and for unknown routes.
+        if exc.status_code == 404:
+            return error_response(RouteNotFound(f"no route {request.method} {request.url.path}; see /docs"))
+        if exc.status_code == 405:
+            return error_response(InvalidInput(f"method {request.method} is not allowed on {request.url.path}"))
+        return error_response(InvalidInput(f"the body cannot be read: {exc.detail} (send UTF-8 JSON)"))
+
+    @app.exception_handler(Exception)
+    async def _on_bug(_request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(exc)
+
+
+def health_routes(app: FastAPI, ready: ReadyCheck) -> None:
+    """``/healthz`` (the process answers) and ``/readyz`` (200 only when it should get traffic)."""
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> Response:
+        state = await asyncio.to_thread(ready)  # may ask the Serve controller: keep it off the event loop
+        return JSONResponse({"status": state}, status_code=200 if state == "ready" else 503)

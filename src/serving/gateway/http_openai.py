@@ -16,10 +16,10 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from serving.domain import EmbedRequest, GenerateRequest, GenerateResult, StreamEvent, TextDelta
+from serving.domain import EmbedRequest, GenerateRequest, GenerateResult, TextDelta
 from serving.errors import InvalidInput
 from serving.gateway import http_schemas as schemas
-from serving.gateway.core import Core
+from serving.gateway.core import Core, EventStream
 from serving.gateway.http_common import HttpConfig, call_context, error_response, request_id_header, sse
 
 
@@ -53,9 +53,7 @@ def _chunk(request_id: str, model: str, created: int, delta: dict[str, Any], fin
     return f"data: {json.dumps(chunk)}\n\n"
 
 
-async def _chat_events(
-    stream: AsyncIterator[StreamEvent], model: str, request_id: str, include_usage: bool
-) -> AsyncIterator[str]:
+async def _chat_events(stream: EventStream, model: str, request_id: str, include_usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
     first = True
     try:
@@ -118,7 +116,7 @@ def openai_router(core: Core, config: HttpConfig) -> APIRouter:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = await core.generate_stream(ctx, req)
-            return sse(_chat_events(stream, body.model, req.request_id, include_usage))
+            return sse(_chat_events(stream, body.model, req.request_id, include_usage), stream)
         result = await core.generate(ctx, req)
         return JSONResponse(
             {

@@ -1,45 +1,123 @@
 """API key → partner and plan, with a short-lived cache so the hot path rarely touches the database.
 
 The cache TTL bounds how long a revocation, a disabled partner or a plan change takes to reach this
-gateway replica (default 2 s, well inside the promised 5 s).
+gateway replica (default 2 s, well inside the promised 5 s). Lookups never run SQL on the event loop: a
+miss goes to the authenticator's own few threads (so admin and usage queries filling the loop's default
+executor cannot hold up key checks), and concurrent misses for one key id share that one lookup (single
+flight). The cache holds at most ``max_entries`` key ids and evicts the least recently used one at a time,
+so a flood of unknown keys cannot empty it for everyone else.
+
+**Stale if error.** When the partner database is unreachable (the store raises ``Unavailable``), a key whose
+entry expired less than ``stale_if_error_s`` ago (default 300 s) is answered from that entry, so a database
+restart or dropped connections do not reject keys that were just in use. While the database is known to be
+down (the last lookup failed), such keys are answered at once and a refresh runs in the background (one per
+key); the first lookup that succeeds ends the outage. A key without a recent entry gets UNAVAILABLE / 503
+with retry-after. The price: a revocation, disable or plan change made just before the outage reaches this
+replica only once the database is back (at most TTL + ``stale_if_error_s`` late).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from serving.domain import Caller
-from serving.errors import PermissionDenied, Unauthenticated
+from serving.errors import PermissionDenied, Unauthenticated, Unavailable
 from serving.partners.keys import matches, parse_key
 from serving.partners.store import KeyOwner, PartnerStore
 
+log = logging.getLogger("serving.auth")
+
 _MAX_CACHED = 100_000
+_STALE_IF_ERROR_S = 300.0
+_LOOKUP_THREADS = 4
 
 
 class Authenticator:
-    def __init__(self, store: PartnerStore, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: PartnerStore,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = _MAX_CACHED,
+        stale_if_error_s: float = _STALE_IF_ERROR_S,
+        lookup_threads: int = _LOOKUP_THREADS,
+    ) -> None:
         self._store = store
         self._ttl_s = ttl_s
         self._clock = clock
-        self._cache: dict[str, tuple[float, KeyOwner | None]] = {}
+        self._max_entries = max_entries
+        self._stale_s = stale_if_error_s
+        self._cache: OrderedDict[str, tuple[float, KeyOwner | None]] = OrderedDict()  # key id -> (expires, owner)
+        self._inflight: dict[str, asyncio.Future[KeyOwner | None]] = {}
+        self._executor = ThreadPoolExecutor(lookup_threads, thread_name_prefix="key-lookup")
+        self._store_down = False  # the last lookup found the database unreachable
+        self.stale_answers = 0  # keys answered from an expired entry because the database was unreachable
 
-    def _lookup(self, key_id: str) -> KeyOwner | None:
+    async def _lookup(self, key_id: str) -> KeyOwner | None:
         now = self._clock()
         hit = self._cache.get(key_id)
         if hit is not None and hit[0] > now:
+            self._cache.move_to_end(key_id)
             return hit[1]
-        owner = self._store.key_owner(key_id)
-        if len(self._cache) >= _MAX_CACHED:
-            self._cache.clear()
-        self._cache[key_id] = (now + self._ttl_s, owner)
-        return owner
+        lookup = self._inflight.get(key_id)
+        if lookup is None:  # the first miss asks the database; concurrent misses for this key id share it
+            lookup = asyncio.get_running_loop().run_in_executor(self._executor, self._store.key_owner, key_id)
+            self._inflight[key_id] = lookup
+            lookup.add_done_callback(lambda done: self._settled(key_id, done))
+        stale = hit is not None and hit[0] + self._stale_s > now
+        if stale and self._store_down:
+            return self._answer_stale(key_id, hit)  # the lookup goes on and refreshes the entry if it succeeds
+        try:
+            # Shielded: a caller that gives up (cancelled) does not cancel the lookup the others wait on.
+            return await asyncio.shield(lookup)
+        except Unavailable as exc:
+            if stale:
+                return self._answer_stale(key_id, hit)
+            raise Unavailable(
+                "cannot check the API key now: the partner database is unreachable; retry shortly",
+                retry_after_s=exc.retry_after_s or 1.0,
+            ) from exc
 
-    def authenticate(self, api_key: str | None) -> Caller:
+    def _answer_stale(self, key_id: str, hit: tuple[float, KeyOwner | None] | None) -> KeyOwner | None:
+        assert hit is not None
+        self.stale_answers += 1
+        self._cache.move_to_end(key_id)
+        return hit[1]
+
+    def _settled(self, key_id: str, lookup: asyncio.Future[KeyOwner | None]) -> None:
+        del self._inflight[key_id]
+        if lookup.cancelled():
+            return
+        error = lookup.exception()  # retrieved here, so a lookup nobody awaits (stale answer) logs no warning
+        if error is None:
+            if self._store_down:
+                self._store_down = False
+                log.warning("partner database reachable again; key lookups resumed")
+            self._remember(key_id, lookup.result())
+        elif isinstance(error, Unavailable) and not self._store_down:
+            self._store_down = True  # logged once per outage
+            log.error(
+                "partner database unreachable (%s); keys seen in the last %.0f s are answered from the cache",
+                error.__cause__ or error,
+                self._stale_s,
+            )
+
+    def _remember(self, key_id: str, owner: KeyOwner | None) -> None:
+        self._cache[key_id] = (self._clock() + self._ttl_s, owner)
+        self._cache.move_to_end(key_id)
+        while len(self._cache) > self._max_entries:
+            self._cache.popitem(last=False)
+
+    async def authenticate(self, api_key: str | None) -> Caller:
         if not api_key:
             raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'", param="authorization")
         parsed = parse_key(api_key)
-        owner = self._lookup(parsed.key_id) if parsed else None
+        owner = await self._lookup(parsed.key_id) if parsed else None
         if parsed is None or owner is None or not matches(parsed, owner.key.digest):
             raise Unauthenticated("unknown API key", param="authorization")
         if owner.key.revoked:
@@ -47,3 +125,7 @@ class Authenticator:
         if owner.partner.disabled:
             raise PermissionDenied("this partner is disabled; contact support", param="authorization")
         return Caller(partner_id=owner.partner.id, key_id=owner.key.key_id, plan=owner.plan)
+
+    def close(self) -> None:
+        """Lets the lookup threads go (lookups still running finish on their own)."""
+        self._executor.shutdown(wait=False)

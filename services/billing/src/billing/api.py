@@ -5,16 +5,22 @@
 - ``POST /v1/periods/{period}/close``: close a period (idempotent)
 - ``GET /v1/periods/{period}/reconciliation``: counters vs ledger per partner and hour
 - ``GET /metrics``, ``GET /healthz``
+
+Every ``/v1`` route needs ``Authorization: Bearer <admin token>`` (``BILLING_ADMIN_TOKEN``): invoices name every
+partner and their spend. On SIGTERM the service stops its scrape loop and scrapes every target one last time
+(a gateway that stops gracefully keeps its ops listener up for that), then exits.
 """
 
 from __future__ import annotations
 
+import hmac
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
@@ -29,25 +35,56 @@ def _error(status: int, code: str, message: str, param: str | None = None) -> JS
     return JSONResponse(body, status_code=status)
 
 
+log = logging.getLogger("billing.api")
+
+
+class AdminRequired(Exception):
+    """A /v1 call without the admin token (401 when none was sent, 403 when it is wrong or the API is off)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _require_admin(token: str | None) -> Callable[[Request], None]:
+    def check(request: Request) -> None:
+        if token is None:
+            raise AdminRequired("the billing API is disabled; set BILLING_ADMIN_TOKEN to enable it", 403)
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise AdminRequired("billing routes need 'Authorization: Bearer <admin token>'", 401)
+        if not hmac.compare_digest(given.strip().encode(), token.encode()):
+            raise AdminRequired("this is not the admin token", 403)
+
+    return check
+
+
 def create_app(service: BillingService, scrape_in_background: bool = True) -> FastAPI:
     stop = threading.Event()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         worker = None
-        if service.scraper is not None and scrape_in_background:
-            worker = threading.Thread(
-                target=service.scraper.run, args=(stop, service.settings.scrape_interval_s), daemon=True
-            )
+        scraper = service.scraper if scrape_in_background else None
+        if scraper is not None:
+            worker = threading.Thread(target=scraper.run, args=(stop, service.settings.scrape_interval_s), daemon=True)
             worker.start()
         try:
             yield
         finally:
             stop.set()
-            if worker is not None:
+            if worker is not None and scraper is not None:
                 worker.join(timeout=service.settings.http_timeout_s * service.settings.retry_attempts)
+                # The last word of every gateway still up (one that stops gracefully waits for this scrape).
+                outcome = await run_in_threadpool(scraper.scrape_once)
+                log.info("final scrape on shutdown: %s", outcome)
 
     app = FastAPI(title="billing", lifespan=lifespan)
+    api = APIRouter(prefix="/v1", dependencies=[Depends(_require_admin(service.settings.admin_token))])
+
+    @app.exception_handler(AdminRequired)
+    async def _on_admin(_: Request, exc: AdminRequired) -> JSONResponse:
+        return _error(exc.status, "admin_token_required" if exc.status == 401 else "permission_denied", str(exc))
 
     for kind in ERRORS:
 
@@ -67,7 +104,7 @@ def create_app(service: BillingService, scrape_in_background: bool = True) -> Fa
     async def metrics() -> Response:
         return Response(service.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/invoices", response_model=None)
+    @api.get("/invoices", response_model=None)
     async def invoices(
         partner: str | None = None, period: str | None = None, format: str = "json"
     ) -> dict[str, Any] | Response:
@@ -79,7 +116,7 @@ def create_app(service: BillingService, scrape_in_background: bool = True) -> Fa
             return _error(400, "invalid_format", "format must be json or csv", "format")
         return {"invoices": found}
 
-    @app.get("/v1/invoices/{period}/{partner}")
+    @api.get("/invoices/{period}/{partner}")
     async def invoice(period: str, partner: str, format: str = "json") -> Response:
         canonical = Period.parse(period).id
         stored = await call(service.store.invoices, canonical, partner)
@@ -89,7 +126,7 @@ def create_app(service: BillingService, scrape_in_background: bool = True) -> Fa
             return Response(stored[0].csv, media_type="text/csv")
         return Response(stored[0].document, media_type="application/json")
 
-    @app.post("/v1/periods/{period}/close")
+    @api.post("/periods/{period}/close")
     async def close(period: str) -> dict[str, Any]:
         stored = await call(service.close_period, period)
         return {
@@ -97,9 +134,10 @@ def create_app(service: BillingService, scrape_in_background: bool = True) -> Fa
             "invoices": [{"partner": i.partner, "status": i.status} for i in stored],
         }
 
-    @app.get("/v1/periods/{period}/reconciliation")
+    @api.get("/periods/{period}/reconciliation")
     async def reconciliation(period: str) -> dict[str, Any]:
         report: dict[str, Any] = await call(service.reconciliation, period)
         return report
 
+    app.include_router(api)
     return app

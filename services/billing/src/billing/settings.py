@@ -47,6 +47,9 @@ class BillingSettings:
     drift_threshold_ratio: Decimal = Decimal("0.01")
     host: str = "127.0.0.1"
     port: int = 8100
+    # Bearer token for the /v1 API (invoices, periods, reconciliation); the gateway's admin token in the embedded
+    # default. None: the /v1 API refuses every call (403). /metrics and /healthz need no token.
+    admin_token: str | None = None
     log_level: str = "INFO"
     # Test seam (documented in the README): "close_before_commit" SIGKILLs the process inside the close
     # transaction, after every invoice row was written and before the commit. Never set it in production.

@@ -35,6 +35,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         grpc_port=0,
         http_port=0,
         ops_port=0,
+        final_scrape_wait_s=0.0,  # nothing scrapes test gateways at their stop (the billing stop test sets it)
         shutdown_grace_s=10.0,
         serve_app_name="test",
         admin_token=ADMIN_TOKEN,

@@ -22,6 +22,9 @@ async def start_gateway_process(settings: Settings, **env: str) -> tuple[asyncio
         "SERVING_ADMIN_TOKEN": settings.admin_token or "",
         **env,
     }
+    # Like an operator's shell: ray.init in this test session set RAY_AUTH_MODE=token for itself, the gateway
+    # must find the cluster's token (~/.ray/auth_token) on its own for an explicit --ray-address.
+    environment.pop("RAY_AUTH_MODE", None)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "serving.cli", "gateway",
         "--ray-address", ray.get_runtime_context().gcs_address,

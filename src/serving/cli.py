@@ -153,6 +153,48 @@ def _ray_env() -> dict[str, Any]:
     return {"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
 
 
+def _ray_auth_rejected(error: BaseException | None) -> bool:
+    while error is not None:
+        if "InvalidAuthToken" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _ray_init(**kwargs: Any) -> None:
+    """``ray.init`` that authenticates to a running cluster alike for an explicit address and for ``auto``.
+
+    Ray 2.60's ``ray.init`` turns on token authentication from a local token only when it finds the cluster itself
+    (``address`` None or ``auto``); given an address (``--ray-address``, ``RAY_ADDRESS``) with ``RAY_AUTH_MODE``
+    unset it connects without a token, and a cluster with token authentication (what ``ray start --head`` runs
+    once ``~/.ray/auth_token`` exists) rejects it with ``InvalidAuthToken`` after about 20 s of retries.
+    """
+    import ray
+
+    if "RAY_AUTH_MODE" not in os.environ:
+        with contextlib.suppress(ImportError):  # Ray's own step for ``auto``; absent in other Ray versions
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+
+            # RAY_AUTH_MODE=token (also for child processes) if RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+            # ~/.ray/auth_token holds a token; a cluster without token authentication accepts such a client too.
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    try:
+        ray.init(**kwargs)
+    except ConnectionError as error:
+        if not _ray_auth_rejected(error):
+            raise
+        mode = os.environ.get("RAY_AUTH_MODE")
+        sent = "a token that is not the cluster's" if mode == "token" else f"no token (RAY_AUTH_MODE={mode or 'unset'})"
+        raise SystemExit(
+            f"serving: the Ray cluster at {kwargs.get('address') or 'auto'} requires token authentication and"
+            f" rejected this process (InvalidAuthToken), which sent {sent}. Set RAY_AUTH_MODE=token and put the"
+            " cluster's token in ~/.ray/auth_token, in a file named by RAY_AUTH_TOKEN_PATH, or in RAY_AUTH_TOKEN"
+            " (`ray get-auth-token` on the head node prints it)."
+        ) from None
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
@@ -166,7 +208,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     key = _demo_key(settings, store)
     specs = load_registry(settings.model_registry)
     print(f"starting Ray and deploying {len(specs)} models (the first start converts the GGUF model once)...")
-    ray.init(
+    _ray_init(
         address=settings.ray_address,
         num_cpus=settings.ray_num_cpus,
         include_dashboard=False,
@@ -191,7 +233,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
 
     settings = _settings(args)
     store = PartnerStore(Database(settings.partners_db_url))
-    ray.init(address=settings.ray_address or "auto", logging_level=logging.WARNING, namespace="serve")
+    _ray_init(address=settings.ray_address or "auto", logging_level=logging.WARNING, namespace="serve")
     try:
         handles = attach_models(load_registry(settings.model_registry), settings.serve_app_name)
         asyncio.run(_serve_until_signal(settings, handles, store, None))

@@ -141,7 +141,9 @@ class Gateway:
         self._http: tuple[uvicorn.Server, asyncio.Task[None], int] | None = None
         self._ops: tuple[uvicorn.Server, asyncio.Task[None], int] | None = None
         self._scrapes = 0  # /metrics reads on the ops listener
+        self._drain_task: asyncio.Task[None] | None = None
         self._drained = False
+        self._closed = False
         self._final_scrape = asyncio.Event()  # a scrape after the drain read the final counters
 
     def _count_shed(self, model: str, reason: str) -> None:
@@ -218,7 +220,12 @@ class Gateway:
     async def drain(self) -> None:
         """The first half of a graceful stop: readiness turns false on both doors, new inference calls get
         UNAVAILABLE, calls in flight get ``shutdown_grace_s`` to finish, then the partner listeners close and the
-        ledger stores every record. The ops listener stays up (billing reads the final counters)."""
+        ledger stores every record. The ops listener stays up (billing reads the final counters). Idempotent."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.create_task(self._drain())
+        await asyncio.shield(self._drain_task)
+
+    async def _drain(self) -> None:
         self.readiness.stopping = True
         self.core.start_draining()
         for task in (self._replica_task, self._ready_task):
@@ -246,6 +253,9 @@ class Gateway:
     async def close(self, final_scrape_wait_s: float | None = None) -> None:
         """The second half: waits (bounded) for one more scrape of the final counters when this gateway has been
         scraped before, then closes the ops listener and the stores."""
+        if self._closed:
+            return
+        self._closed = True
         wait_s = self.settings.final_scrape_wait_s if final_scrape_wait_s is None else final_scrape_wait_s
         if self._scrapes and wait_s > 0:
             try:

@@ -5,9 +5,10 @@
 Without a target it starts the stack (``serving run`` on free ports, its own data directory under the output
 directory, the model cache in var/models) and stops it at the end. With one (``--grpc-target`` and
 ``--http-base``, or ``LOADTEST_TARGET=host`` for gRPC host:50051 and HTTP http://host:8000) it loads that
-stack; it then needs the admin token (``--admin-token``/``LOADTEST_ADMIN_TOKEN``) and reads the ledger
-database given by ``--ledger-db``/``LOADTEST_LEDGER_DB``, or else compares per-partner totals from the admin
-usage API.
+stack; it then needs the admin token (``--admin-token``/``LOADTEST_ADMIN_TOKEN``) and the gateway's private
+ops listener, which serves the admin API (``--ops-base``/``LOADTEST_OPS_BASE``, default the HTTP host on port
+8090), and reads the ledger database given by ``--ledger-db``/``LOADTEST_LEDGER_DB``, or else compares
+per-partner totals from the admin usage API.
 
 Steps: create the config's plans and partners through the admin API; run locust headless
 (``loadtests/locustfile.py``: users ramp up at the configured rate, run for the configured time, then finish
@@ -27,6 +28,7 @@ import sys
 from contextlib import AbstractContextManager, nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from gatelib.config import DEFAULT_CONFIG, GateConfig, load_config
 from gatelib.metering import Metering, compare_by_id, compare_by_partner, settled_ledger
@@ -36,6 +38,7 @@ from gatelib.stack import REPO, Target, started_stack
 from gatelib.verdict import evaluate, go, table, write_verdict
 
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+OPS_PORT = 8090  # SERVING_OPS_PORT's default
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=REPO / "var" / "loadtest", help="reports and run files")
     parser.add_argument("--grpc-target", default=os.environ.get("LOADTEST_GRPC_TARGET"))
     parser.add_argument("--http-base", default=os.environ.get("LOADTEST_HTTP_BASE"))
+    parser.add_argument(
+        "--ops-base",
+        default=os.environ.get("LOADTEST_OPS_BASE"),
+        help=f"the ops listener (admin API); default http://<--http-base host>:{OPS_PORT}",
+    )
     parser.add_argument("--admin-token", default=os.environ.get("LOADTEST_ADMIN_TOKEN"))
     parser.add_argument("--ledger-db", default=os.environ.get("LOADTEST_LEDGER_DB"), help="SQLite path or URL")
     parser.add_argument("--model-cache", type=Path, default=REPO / "var" / "models", help="when starting the stack")
@@ -62,7 +70,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--setup-only needs a running stack to set up (--grpc-target and --http-base)")
     if args.grpc_target and not args.admin_token:
         parser.error("a given target needs --admin-token (or LOADTEST_ADMIN_TOKEN) to create the gate's partners")
+    if args.ops_base and not args.grpc_target:
+        parser.error("--ops-base goes with a given target (--grpc-target and --http-base)")
+    if args.http_base and not args.ops_base:
+        args.ops_base = default_ops_base(args.http_base)
     return args
+
+
+def default_ops_base(http_base: str) -> str:
+    """The admin API is on the gateway's ops listener, never on the partner port: same host, port 8090."""
+    host = urlsplit(http_base).hostname
+    if not host:
+        raise SystemExit(f"--http-base {http_base!r} has no host; give --ops-base")
+    return f"http://{f'[{host}]' if ':' in host else host}:{OPS_PORT}"
 
 
 def with_overrides(config: GateConfig, args: argparse.Namespace) -> GateConfig:
@@ -76,7 +96,15 @@ def with_overrides(config: GateConfig, args: argparse.Namespace) -> GateConfig:
 
 def stack_for(args: argparse.Namespace) -> AbstractContextManager[Target]:
     if args.grpc_target:
-        return nullcontext(Target(args.grpc_target, args.http_base.rstrip("/"), args.admin_token, args.ledger_db))
+        return nullcontext(
+            Target(
+                grpc_target=args.grpc_target,
+                http_base=args.http_base.rstrip("/"),
+                ops_base=args.ops_base.rstrip("/"),
+                admin_token=args.admin_token,
+                ledger_db=args.ledger_db,
+            )
+        )
     cache = args.model_cache if args.model_cache.exists() else REPO / ".cache" / "models"
     print(f"starting the stack (serving run; log in {args.out / 'stack.log'})...", flush=True)
     return started_stack(args.out / "stack-data", cache, args.out / "stack.log")
@@ -122,7 +150,7 @@ def metering_for(target: Target, run: RunFile, observed: Observed) -> Metering:
     if target.ledger_db:
         served = sum(1 for o in observed.outcomes if o.expect is Expect.ONE)
         return compare_by_id(observed, settled_ledger(target.ledger_db, run.run_id, served), run.partners)
-    return compare_by_partner(observed, target.http_base, target.admin_token, run.partners)
+    return compare_by_partner(observed, target.ops_base, target.admin_token, run.partners)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = "lt" + datetime.now(UTC).strftime("%Y%m%d%H%M%S") + secrets.token_hex(2)
     try:
         with stack_for(args) as target:
-            partners = create_partners(target.http_base, target.admin_token, config, run_id)
+            partners = create_partners(target.ops_base, target.admin_token, config, run_id)
             run = run_file(config, run_id, target, partners)
             run.write(out / "run.json")
             names = [f"{p.name} ({s.plan})" for p, s in zip(partners, config.partners, strict=True)]

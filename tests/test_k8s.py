@@ -141,8 +141,9 @@ def test_workloads_have_probes_and_resources(overlay: str) -> None:
             assert "readinessProbe" in container and "livenessProbe" in container, where
             assert container["resources"]["requests"] and container["resources"]["limits"], where
     gateway = one(objs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"][0]
-    assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
+    assert gateway["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
     assert one(objs, "HorizontalPodAutoscaler", "gateway")["spec"]["scaleTargetRef"]["name"] == "gateway"
     assert {p["metadata"]["name"] for p in by_kind(objs, "PodDisruptionBudget")} >= {"gateway", "billing"}
     assert by_kind(objs, "NetworkPolicy")
@@ -155,14 +156,19 @@ def test_dev_runs_redis_and_postgres_and_prod_uses_external_secrets() -> None:
     dev_secrets = {o["metadata"]["name"] for o in by_kind(dev, "Secret")}
     assert not by_kind(prod, "Secret")  # created outside the repo
     for objs in (dev, prod):
-        gateway = one(objs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"][0]
-        env = gateway["env"]
-        refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
-        if objs is prod:
-            assert refs == {"serving-dsn", "serving-admin"}
-        else:  # generated, with a content hash suffix that kustomize also writes into the references
-            assert refs <= dev_secrets
-            assert {r.rsplit("-", 1)[0] for r in refs} == {"serving-dsn", "serving-admin"}
+        for name in ("gateway", "billing"):  # billing's /v1 API takes the gateway's admin token
+            container = one(objs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+            env = container["env"]
+            refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
+            if objs is prod:
+                assert refs == {"serving-dsn", "serving-admin"}, name
+            else:  # generated, with a content hash suffix that kustomize also writes into the references
+                assert refs <= dev_secrets
+                assert {r.rsplit("-", 1)[0] for r in refs} == {"serving-dsn", "serving-admin"}, name
+        billing = one(objs, "Deployment", "billing")["spec"]["template"]["spec"]["containers"][0]
+        [token] = [e for e in billing["env"] if e["name"] == "BILLING_ADMIN_TOKEN"]
+        assert token["valueFrom"]["secretKeyRef"]["name"].startswith("serving-admin")
+        assert token["valueFrom"]["secretKeyRef"]["key"] == "token"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -176,3 +182,98 @@ def test_dashboards_and_rules_are_provisioned(overlay: str) -> None:
     assert rule["spec"] == yaml.safe_load((K8S / "base" / "prometheusrule.yaml").read_text())["spec"]
     assert {o["metadata"]["name"] for o in by_kind(objs, "ServiceMonitor")} == {"gateway", "billing"}
     assert by_kind(objs, "PodMonitor")
+
+
+def gateway_config(objs: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    [config] = [o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"].startswith("gateway-config")]
+    data: dict[str, str] = config["data"]
+    return data
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector with matchLabels only (what these manifests use) against an object's labels."""
+    assert set(selector) <= {"matchLabels"}, selector
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+OPS_PORT = 8090
+PARTNER_PORTS = {50051, 8000}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ops_port_is_private_and_scraped(overlay: str) -> None:
+    """The ops listener (metrics, admin API, health) listens on the pod IP, is absent from the partner Service,
+    is what the gateway ServiceMonitor scrapes (job "gateway", billing's Prometheus job), and only Prometheus and
+    billing may reach it."""
+    objs = render(overlay)
+    deployment = one(objs, "Deployment", "gateway")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": 50051, "http": 8000, "ops": OPS_PORT}
+    config = gateway_config(objs)
+    assert config["SERVING_OPS_HOST"] == "0.0.0.0" and int(config["SERVING_OPS_PORT"]) == OPS_PORT
+
+    partner = one(objs, "Service", "gateway")
+    assert {(p["name"], p["port"]) for p in partner["spec"]["ports"]} == {("grpc", 50051), ("http", 8000)}
+    assert not {p["targetPort"] for p in partner["spec"]["ports"]} & {"ops", OPS_PORT}
+    ops = one(objs, "Service", "gateway-ops")
+    assert selects({"matchLabels": ops["spec"]["selector"]}, pod_labels)
+    assert ops["spec"]["ports"] == [{"name": "ops", "port": OPS_PORT, "targetPort": "ops", "appProtocol": "http"}]
+    assert ops["spec"]["clusterIP"] == "None" and ops["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert ops["spec"]["publishNotReadyAddresses"] is True  # a draining pod stays a scrape target
+
+    monitor = one(objs, "ServiceMonitor", "gateway")["spec"]
+    services = [o for o in by_kind(objs, "Service") if selects(monitor["selector"], o["metadata"].get("labels", {}))]
+    assert [o["metadata"]["name"] for o in services] == ["gateway-ops"]
+    assert [(e["port"], e["path"]) for e in monitor["endpoints"]] == [("ops", "/metrics")]
+    job = ops["metadata"]["labels"][monitor["jobLabel"]]
+    billing = one(objs, "Deployment", "billing")["spec"]["template"]["spec"]["containers"][0]
+    billing_env = {e["name"]: e.get("value") for e in billing["env"]}
+    assert billing_env["BILLING_MODE"] == "prometheus" and billing_env["BILLING_PROMETHEUS_JOB"] == job == "gateway"
+
+    # Who may reach the gateway's ports: every ingress rule of every policy that selects its pods.
+    ray = {"ray.io/is-ray-node": "yes"}
+    billing_pods = one(objs, "Deployment", "billing")["spec"]["template"]["metadata"]["labels"]
+    admitted: dict[str, set[int | None]] = {}  # source -> ports (None: every port)
+    for policy in by_kind(objs, "NetworkPolicy"):
+        if not selects(policy["spec"]["podSelector"], pod_labels):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            rule_ports: set[int | None] = {p["port"] for p in rule.get("ports", [])} or {None}
+            for peer in rule.get("from", [{}]):
+                if not peer:
+                    source = "anywhere"
+                elif "namespaceSelector" in peer and "podSelector" not in peer:
+                    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+                    source = "monitoring"
+                elif selects(peer["podSelector"], billing_pods):
+                    source = "billing"
+                elif selects(peer["podSelector"], ray):
+                    source = "ray"
+                else:
+                    raise AssertionError(f"{policy['metadata']['name']}: unexpected peer {peer}")
+                admitted.setdefault(source, set()).update(rule_ports)
+    assert admitted["anywhere"] == PARTNER_PORTS  # partners: the front doors only
+    assert OPS_PORT in admitted["monitoring"] and OPS_PORT in admitted["billing"]
+    assert admitted["ray"] == {None}  # the Ray cluster talks to its driver on ports it picks
+    assert set(admitted) == {"anywhere", "monitoring", "billing", "ray"}
+
+
+def _seconds(duration: str) -> float:
+    assert duration.endswith("s"), duration
+    return float(duration.removesuffix("s"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_graceful_stop_fits_the_termination_grace_period(overlay: str) -> None:
+    """SIGKILL must not cut a graceful stop short: preStop, the drain (SERVING_SHUTDOWN_GRACE_S) and the wait for
+    Prometheus' final scrape (SERVING_FINAL_SCRAPE_WAIT_S, at least one scrape interval) fit, with margin."""
+    objs = render(overlay)
+    pod = one(objs, "Deployment", "gateway")["spec"]["template"]["spec"]
+    config = gateway_config(objs)
+    grace, final_wait = float(config["SERVING_SHUTDOWN_GRACE_S"]), float(config["SERVING_FINAL_SCRAPE_WAIT_S"])
+    [endpoint] = one(objs, "ServiceMonitor", "gateway")["spec"]["endpoints"]
+    assert final_wait >= _seconds(endpoint["interval"]) + _seconds(endpoint["scrapeTimeout"])
+    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + grace + final_wait + 5

@@ -1,7 +1,7 @@
 """The release gate (``loadtests/gate.py``) for real but briefly: locust headless for a few seconds against the
-session's gateway, partners created through its admin API, outcomes compared with the real usage ledger. A
-config any healthy run meets gives GO (exit 0); the same with unreachable thresholds gives NO-GO (exit 1)
-naming exactly those checks. Latency ceilings here are configuration, not assertions about speed."""
+session's gateway, partners created through its admin API (on the ops listener), outcomes compared with the real
+usage ledger. A config any healthy run meets gives GO (exit 0); the same with unreachable thresholds gives NO-GO
+(exit 1) naming exactly those checks. Latency ceilings here are configuration, not assertions about speed."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ async def run_gate(
     process = await asyncio.create_subprocess_exec(
         sys.executable, str(GATE), "--config", str(config), "--out", str(out),
         "--grpc-target", f"127.0.0.1:{gateway.grpc_port}", "--http-base", f"http://127.0.0.1:{gateway.http_port}",
-        "--admin-token", ADMIN_TOKEN, *ledger_args,
+        "--ops-base", f"http://127.0.0.1:{gateway.ops_port}", "--admin-token", ADMIN_TOKEN, *ledger_args,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     return await asyncio.wait_for(process.wait(), timeout=120)
@@ -135,3 +135,37 @@ async def test_gate_without_ledger_access_compares_partner_totals(
     assert metering["method"].startswith("per partner totals")
     assert metering["served"] >= 1 and metering["records"] >= metering["served"]
     assert (metering["unmetered"], metering["double_metered"], metering["token_mismatches"]) == (0, 0, 0)
+
+
+async def test_gate_sets_up_through_the_ops_listener_never_the_partner_port(gateway: Gateway, tmp_path: Path) -> None:
+    """The admin API lives on the ops listener: ``--ops-base`` pointed at the partner port cannot set up (404, the
+    gate exits 2), and without ``--ops-base`` it is the ``--http-base`` host on port 8090."""
+    config = write_config(tmp_path / "setup", 2, REACHABLE)
+    common = ["--config", str(config), "--grpc-target", f"127.0.0.1:{gateway.grpc_port}", "--admin-token", ADMIN_TOKEN]
+    partner_port = f"http://127.0.0.1:{gateway.http_port}"
+
+    async def gate(*args: str) -> tuple[int, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(GATE), *common, "--out", str(tmp_path / "setup"), "--setup-only", *args,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+        return await process.wait(), stderr.decode()
+
+    code, stderr = await gate("--http-base", partner_port, "--ops-base", partner_port)
+    assert code == 2 and "HTTP 404" in stderr, stderr
+    code, _ = await gate("--http-base", partner_port, "--ops-base", f"http://127.0.0.1:{gateway.ops_port}")
+    assert code == 0
+    assert read_json(tmp_path / "setup" / "run.json")["http_base"] == partner_port
+
+    probe = "import sys; sys.path.insert(0, sys.argv[1]); import gate; print(gate.parse_args(sys.argv[2:]).ops_base)"
+    for http_base, ops_base in (
+        ("http://gw.example:8000", "http://gw.example:8090"),
+        ("http://[::1]:80/", "http://[::1]:8090"),
+    ):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", probe, str(GATE.parent), "--grpc-target", "h:50051", "--http-base", http_base,
+            "--admin-token", "t", stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, _ = await process.communicate()
+        assert stdout.decode().strip() == ops_base

@@ -107,13 +107,13 @@ def _judge(result: Metering, outcome: Outcome, found: list[LedgerRow]) -> None:
 
 
 def partner_totals(
-    http_base: str, admin_token: str, partners: list[PartnerRun], start_day: str
+    ops_base: str, admin_token: str, partners: list[PartnerRun], start_day: str
 ) -> dict[str, tuple[int, int]]:
-    """Per partner name: (records, billed tokens) from ``GET /admin/v1/usage``."""
+    """Per partner name: (records, billed tokens) from ``GET /admin/v1/usage`` on the ops listener."""
     day = datetime.now(UTC).strftime("%Y-%m-%d")
     totals: dict[str, tuple[int, int]] = {}
     headers = {"authorization": f"Bearer {admin_token}"}
-    with httpx.Client(base_url=f"{http_base}/admin/v1", headers=headers, timeout=30.0) as admin:
+    with httpx.Client(base_url=f"{ops_base}/admin/v1", headers=headers, timeout=30.0) as admin:
         for partner in partners:
             params = {"partner": partner.partner_id, "start_day": start_day, "end_day": day}
             response = admin.get("/usage", params=params)
@@ -126,7 +126,7 @@ def partner_totals(
 
 
 def compare_by_partner(
-    observed: Observed, http_base: str, admin_token: str, partners: list[PartnerRun], timeout_s: float = 15.0
+    observed: Observed, ops_base: str, admin_token: str, partners: list[PartnerRun], timeout_s: float = 15.0
 ) -> Metering:
     """Totals only: every partner is new in this run, so all its usage is this run's. A shortfall against the
     served requests is unmetered; records beyond served + shed/failed count as in flight at the stop (the
@@ -143,7 +143,7 @@ def compare_by_partner(
     deadline = time.monotonic() + timeout_s
     previous: dict[str, tuple[int, int]] = {}
     while True:
-        totals = partner_totals(http_base, admin_token, partners, start)
+        totals = partner_totals(ops_base, admin_token, partners, start)
         enough = sum(r for r, _ in totals.values()) >= sum(served.values())
         if (enough and totals == previous) or time.monotonic() > deadline:
             break

@@ -1,6 +1,6 @@
-"""The gate's partners, created through the admin HTTP API of the gateway under test: its custom plans
-first (``PUT /admin/v1/plans/{name}``), then one partner per config entry, named after the run so that runs
-never collide, each with a fresh API key."""
+"""The gate's partners, created through the admin API on the ops listener of the gateway under test (never the
+partner port): its custom plans first (``PUT /admin/v1/plans/{name}``), then one partner per config entry, named
+after the run so that runs never collide, each with a fresh API key."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ def _check(response: httpx.Response, what: str) -> dict[str, object]:
     return body
 
 
-def create_partners(http_base: str, admin_token: str, config: GateConfig, run_id: str) -> list[PartnerRun]:
+def create_partners(ops_base: str, admin_token: str, config: GateConfig, run_id: str) -> list[PartnerRun]:
     headers = {"authorization": f"Bearer {admin_token}"}
     partners: list[PartnerRun] = []
-    with httpx.Client(base_url=f"{http_base}/admin/v1", headers=headers, timeout=30.0) as admin:
+    with httpx.Client(base_url=f"{ops_base}/admin/v1", headers=headers, timeout=30.0) as admin:
         for plan in config.plans:
             _check(admin.put(f"/plans/{plan.name}", json=plan.body()), f"plan {plan.name}")
         for spec in config.partners:

@@ -1,5 +1,6 @@
-"""The stack under test when the gate starts it: ``serving run`` in a subprocess on free ports, ready once it
-prints its ``READY {...}`` line, stopped with SIGINT (which drains requests and flushes the usage ledger)."""
+"""The stack under test when the gate starts it: ``serving run`` in a subprocess on free ports (gRPC, HTTP and the
+private ops listener), ready once it prints its ``READY {...}`` line, stopped with SIGINT (which drains requests
+and flushes the usage ledger)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 @dataclass(frozen=True)
 class Target:
     grpc_target: str
-    http_base: str
+    http_base: str  # the partner HTTP API
+    ops_base: str  # the ops listener: the admin API (/admin/v1) and /metrics, never on the partner port
     admin_token: str
     ledger_db: str | None  # a SQLite path or postgresql:// URL the gate can read; None: admin usage API only
 
@@ -43,7 +45,7 @@ def started_stack(data_dir: Path, model_cache: Path, log_path: Path, timeout_s: 
         "SERVING_MODEL_CACHE_DIR": str(model_cache),
         "SERVING_RAY_ADDRESS": "local",  # never attach to another Ray running on this machine
     }
-    command = [sys.executable, "-m", "serving.cli", "run", "--grpc-port", "0", "--http-port", "0"]
+    command = [sys.executable, "-m", "serving.cli", "run", "--grpc-port", "0", "--http-port", "0", "--ops-port", "0"]
     log = log_path.open("w")
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
     assert process.stdout is not None
@@ -64,6 +66,7 @@ def started_stack(data_dir: Path, model_cache: Path, log_path: Path, timeout_s: 
         yield Target(
             grpc_target=f"127.0.0.1:{ports['grpc_port']}",
             http_base=f"http://127.0.0.1:{ports['http_port']}",
+            ops_base=f"http://127.0.0.1:{ports['ops_port']}",
             admin_token=token,
             ledger_db=str(data_dir / "ledger.db"),
         )

@@ -57,6 +57,7 @@ class Admission:
 
     max_queue_per_partner: int = 64
     max_wait_s: float = 10.0
+    fair: bool = True  # False: one first-come-first-served queue (to measure what fair queuing buys)
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,12 @@ counters before it closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,15 @@ class _Readiness:
                 self.ready = False
             self.checked_at = now
         return "ready" if self.ready else "loading"
+
+
+class _Listener(uvicorn.Server):
+    """A uvicorn server that leaves signals alone: uvicorn's own handlers would close every listener at SIGTERM,
+    before the drain, and the ops listener must outlive the drain (the gateway's stop sequence decides)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 def build_quota(settings: Settings, metrics: Metrics) -> QuotaBackend:
@@ -193,7 +204,7 @@ class Gateway:
             lifespan="off",
             access_log=False,
         )
-        server = uvicorn.Server(config)
+        server = _Listener(config)
         # The socket already listens, so connections queue until uvicorn accepts them.
         task = asyncio.create_task(server.serve(sockets=[sock]))
         return server, task, int(sock.getsockname()[1])
@@ -248,6 +259,7 @@ class Gateway:
         await self.core.drain()
         # Every request has finished: flush the ledger before the process may exit.
         await asyncio.to_thread(self.ledger.close)
+        self.metrics.drained_at.set(time.time())
         self._drained = True
 
     async def close(self, final_scrape_wait_s: float | None = None) -> None:

@@ -158,6 +158,13 @@ class Metrics:
             registry=self.registry,
         )
 
+        # A graceful stop: when every request had finished and the counters became final (billing reads it).
+        self.drained_at = Gauge(
+            "serving_gateway_drained_timestamp_seconds",
+            "Unix time at which a graceful stop had drained every request (counters final from then on); 0 while"
+            " serving.",
+            registry=self.registry,
+        )
         # The usage ledger (one writer thread per gateway).
         self.ledger_backlog = Gauge(
             "serving_ledger_backlog_records",

@@ -17,7 +17,7 @@ from serving.quota.limiter import (
     seconds_to_month_end,
 )
 
-_LEASE_S = 600.0
+DEFAULT_LEASE_S = 90.0  # what Settings derives by default: http_timeout_s + admission wait + shutdown grace
 _CLAIMED_MAX = 1_000_000
 
 
@@ -47,8 +47,11 @@ class _PartnerState:
 
 
 class MemoryQuota:
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time, *, lease_s: float = DEFAULT_LEASE_S) -> None:
+        if lease_s <= 0:
+            raise ValueError("lease_s must be > 0")
         self._clock = clock
+        self._lease_s = lease_s  # a lease never released (its settle was lost) frees its slot after this
         self._state: dict[str, _PartnerState] = {}
         self._claimed: set[tuple[str, str]] = set()
 
@@ -81,7 +84,7 @@ class MemoryQuota:
         state.tokens.append(entry)
         state.by_id[reservation_id] = entry
         state.token_sum += tokens
-        state.leases[reservation_id] = now + _LEASE_S
+        state.leases[reservation_id] = now + self._lease_s
         state.months[month] = used_month + tokens
         return Reservation(caller.partner_id, reservation_id, tokens, month, _limits(caller, state, now))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from billing.retry import RetryableError, RetryPolicy, SourceError
 from billing.store import BillingStore
 
 log = logging.getLogger("billing.scrape")
+# The gateway's gauge: when its counters became final (a graceful stop drained every request); 0 while serving.
+_FINAL_AT = re.compile(r"^serving_gateway_drained_timestamp_seconds ([0-9.eE+]+)$", re.MULTILINE)
 
 
 class ExpositionError(RetryableError):
@@ -96,15 +99,21 @@ class Scraper:
     def targets(self) -> list[Target]:
         return load_targets(self._urls, self._targets_file)
 
-    def _fetch(self, target: Target) -> list[Series]:
+    def _fetch(self, target: Target) -> tuple[list[Series], float]:
+        """The target's usage series and when they were read. A gateway that drained for a graceful stop says
+        when its counters became final; its samples carry that time (they cannot have changed since), so a
+        period that ended between its drain and this, its last scrape, gets every token it served."""
         response = self._http.get(target.url)
         response.raise_for_status()
-        return parse_exposition(response.text, target.source, time.time())
+        fetched = time.time()
+        final = _FINAL_AT.search(response.text)
+        at = min(fetched, float(final.group(1))) if final and float(final.group(1)) > 0 else fetched
+        return parse_exposition(response.text, target.source, at), fetched
 
     def scrape_target(self, target: Target) -> bool:
         """One target, with retries; True when its samples were stored."""
         try:
-            series = self._retry.run(
+            series, fetched = self._retry.run(
                 f"scrape {target.url}",
                 lambda: self._fetch(target),
                 lambda ok: self._metrics.scrape(target.url, ok, time.time() if ok else None),
@@ -113,7 +122,7 @@ class Scraper:
             log.error("%s", exc)
             self._store.scrape_failed(target.source, target.url, time.time(), str(exc))
             return False
-        ts = max((s.samples[0].ts for s in series), default=time.time())
+        ts = fetched
         changed: dict[tuple[str, str, str, str, str], Series] = {}
         for one in series:
             key = (one.source, one.partner, one.model, one.unit, json.dumps(list(one.labels), separators=(",", ":")))

@@ -32,7 +32,7 @@ class BillingSettings:
     partners_database_url: str | None = None
     # Input mode: "scrape" (embedded default: billing scrapes the gateways' /metrics) or "prometheus".
     mode: str = "scrape"
-    scrape_targets: str = "http://127.0.0.1:8000/metrics"  # comma-separated /metrics URLs
+    scrape_targets: str = "http://127.0.0.1:8090/metrics"  # comma-separated /metrics URLs (gateways' ops listeners)
     scrape_targets_file: Path | None = None  # Prometheus file_sd JSON, re-read before every scrape
     scrape_interval_s: float = 15.0
     prometheus_url: str = "http://127.0.0.1:9090"

@@ -136,7 +136,7 @@ async def scenario(
         process, ports = await start_gateway_process(settings, **env)
         try:
             prom.set_targets(
-                {"gw-fixed": f"127.0.0.1:{gateway.http_port}", "gw-restart": f"127.0.0.1:{ports['http_port']}"}
+                {"gw-fixed": f"127.0.0.1:{gateway.ops_port}", "gw-restart": f"127.0.0.1:{ports['ops_port']}"}
             )
             start = time.time()
             await scraped_after(prom, start, {"gw-fixed", "gw-restart"})
@@ -156,7 +156,7 @@ async def scenario(
             assert await process.wait() == 0
             process, ports = await start_gateway_process(settings, **env)
             prom.set_targets(
-                {"gw-fixed": f"127.0.0.1:{gateway.http_port}", "gw-restart": f"127.0.0.1:{ports['http_port']}"}
+                {"gw-fixed": f"127.0.0.1:{gateway.ops_port}", "gw-restart": f"127.0.0.1:{ports['ops_port']}"}
             )
             moving = f"127.0.0.1:{ports['grpc_port']}"
             phase_one = dict(traffic.tokens)

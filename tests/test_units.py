@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 
-from serving.errors import ERROR_TABLE, INTERNAL, InvalidInput, QuotaExceeded, describe
+from serving.errors import ERROR_TABLE, INTERNAL, InvalidInput, QuotaExceeded, Unavailable, describe
 from serving.gateway.microbatch import MicroBatcher
 from serving.partners.auth import Authenticator
-from serving.partners.keys import parse_key
-from serving.partners.store import PartnerStore
+from serving.partners.keys import new_key, parse_key
+from serving.partners.store import KeyOwner, Partner, PartnerStore, StoredKey
+from serving.plans import DEFAULT_PLAN, DEFAULT_PLANS
 from serving.settings import SettingsError, load_settings
-from serving.storage.database import Database
+from serving.storage.database import Database, DatabaseUnavailable
 
 
 def test_settings_parse_booleans_and_nested_values() -> None:
@@ -50,6 +52,97 @@ async def test_keys_are_hashed_and_checked(tmp_path: Path) -> None:
     now[0] = 6.0
     with pytest.raises(Exception, match="revoked"):
         await auth.authenticate(key)
+
+
+class FakeKeys:
+    """A key directory in memory. ``down`` makes lookups fail as the database handle does when its server is
+    away; while ``gate`` is clear, lookups wait in their thread (a slow database)."""
+
+    def __init__(self) -> None:
+        self.owners: dict[str, KeyOwner] = {}
+        self.calls = 0
+        self.down = False
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def add(self, partner_id: str) -> str:
+        key, parsed = new_key()
+        stored = StoredKey(parsed.key_id, partner_id, parsed.digest, False, 0.0)
+        partner = Partner(partner_id, partner_id, DEFAULT_PLAN, False)
+        self.owners[parsed.key_id] = KeyOwner(stored, partner, next(p for p in DEFAULT_PLANS if p.name == DEFAULT_PLAN))
+        return key
+
+    def key_owner(self, key_id: str) -> KeyOwner | None:
+        self.calls += 1
+        assert self.gate.wait(10)
+        if self.down:
+            raise DatabaseUnavailable()
+        return self.owners.get(key_id)
+
+
+async def test_auth_misses_share_one_lookup_and_the_cache_evicts_one_at_a_time() -> None:
+    keys = FakeKeys()
+    a, b, c = keys.add("p_a"), keys.add("p_b"), keys.add("p_c")
+    auth = Authenticator(keys, ttl_s=60.0, max_entries=2)
+    keys.gate.clear()
+    waiting = [asyncio.create_task(auth.authenticate(a)) for _ in range(10)]
+    await asyncio.wait(waiting, timeout=0)  # they all start and wait on the one lookup
+    keys.gate.set()
+    assert {caller.partner_id for caller in await asyncio.gather(*waiting)} == {"p_a"}
+    assert keys.calls == 1
+    await auth.authenticate(b)
+    await auth.authenticate(c)  # a third key id: only the least recently used one (a) goes
+    assert keys.calls == 3
+    await auth.authenticate(b)
+    await auth.authenticate(c)
+    assert keys.calls == 3
+    await auth.authenticate(a)
+    assert keys.calls == 4
+    auth.close()
+
+
+async def test_auth_database_outage_is_unavailable_or_a_recent_entry() -> None:
+    keys = FakeKeys()
+    known, unknown = keys.add("p_known"), keys.add("p_unknown")
+    now = [0.0]
+    auth = Authenticator(keys, ttl_s=2.0, clock=lambda: now[0], stale_if_error_s=60.0)
+    assert (await auth.authenticate(known)).partner_id == "p_known"
+    now[0] = 10.0  # expired: the next call asks the database, which is away
+    keys.down = True
+    assert (await auth.authenticate(known)).partner_id == "p_known"  # stale if error
+    assert (auth.stale_answers, keys.calls) == (1, 2)
+    keys.gate.clear()  # a lookup now hangs: a known key is still answered at once while the database is down
+    assert (await auth.authenticate(known)).partner_id == "p_known"
+    assert auth.stale_answers == 2
+    keys.gate.set()
+    with pytest.raises(Unavailable, match="partner database is unreachable") as raised:
+        await auth.authenticate(unknown)  # no entry to fall back on
+    kind = describe(raised.value)
+    assert (kind.grpc_code, kind.http_status, raised.value.retry_after_s) == ("UNAVAILABLE", 503, 1.0)
+    now[0] = 100.0  # beyond the stale window: a known key is not trusted any longer
+    with pytest.raises(Unavailable):
+        await auth.authenticate(known)
+    keys.down = False  # back: lookups answer again and refresh the cache
+    assert (await auth.authenticate(unknown)).partner_id == "p_unknown"
+    assert (await auth.authenticate(known)).partner_id == "p_known"
+    assert auth.stale_answers == 2
+    auth.close()
+
+
+async def test_auth_lookups_do_not_queue_behind_the_default_executor() -> None:
+    """Admin and usage queries run in the loop's default executor; filling it leaves key lookups running."""
+    keys = FakeKeys()
+    key = keys.add("p_1")
+    auth = Authenticator(keys, ttl_s=60.0)
+    blocked = threading.Event()
+    loop = asyncio.get_running_loop()
+    hogs = [loop.run_in_executor(None, blocked.wait, 30) for _ in range(40)]  # more than its 32 threads at most
+    try:
+        assert (await asyncio.wait_for(auth.authenticate(key), 10)).partner_id == "p_1"
+    finally:
+        blocked.set()
+        await asyncio.gather(*hogs)
+    auth.close()
 
 
 async def test_microbatch_flushes_on_size_and_on_deadline() -> None:

@@ -130,8 +130,9 @@ class Gateway:
             observe_lag=self.metrics.ledger_write_lag.observe,
         )
         self.metrics.bind_ledger_backlog(lambda: self.ledger.backlog)
+        self.authenticator = Authenticator(store, settings.auth_cache_ttl_s)
         self.core = Core(
-            Authenticator(store, settings.auth_cache_ttl_s),
+            self.authenticator,
             self.router,
             settings.limits,
             self.metrics,
@@ -279,6 +280,7 @@ class Gateway:
             self._ops[0].should_exit = True
             await asyncio.gather(self._ops[1], return_exceptions=True)
         self.ledger.db.close()
+        self.authenticator.close()
         await self.quota.close()
         await asyncio.to_thread(self.tracing.shutdown)  # flushes spans still queued for export
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from serving.metering.journal import Journal
 from serving.metering.record import INSERT_SQL, UsageRecord
-from serving.storage.database import Database
+from serving.storage.database import Database, DatabaseUnavailable
 from serving.storage.migrations import migrate
 
 log = logging.getLogger("serving.ledger")
@@ -47,6 +47,7 @@ class Ledger:
         self._wake = threading.Event()
         self._stopping = False
         self.written = 0
+        self.outages = 0  # spells of failing writes so far (each logged once, when it starts and when it ends)
         self.replayed = self._replay()
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
         self._thread.start()
@@ -97,14 +98,28 @@ class Ledger:
                 return
 
     def _write(self, batch: list[tuple[int, UsageRecord]]) -> None:
+        failing_since: float | None = None
         while True:
             try:
                 with self.db.transaction():
                     self.db.executemany(INSERT_SQL, [record.row() for _, record in batch])
                 break
-            except Exception:  # the database is away: the journal keeps the records; retry
-                log.exception("ledger write failed; retrying in 1 s")
+            except Exception as exc:  # the database is away: the journal keeps the records; retry
+                if failing_since is None:  # one line per outage, not one per retry
+                    failing_since = time.monotonic()
+                    self.outages += 1
+                    unreachable = isinstance(exc, DatabaseUnavailable)
+                    log.error(
+                        "ledger write failed (%s); the journal keeps %d records, retrying every 1 s",
+                        exc.__cause__ if unreachable and exc.__cause__ else exc,
+                        len(batch) + self.backlog,
+                        exc_info=not unreachable,  # anything but an unreachable database gets its traceback
+                    )
+                else:
+                    log.debug("ledger write failed again: %s", exc)
                 time.sleep(1.0)
+        if failing_since is not None:
+            log.warning("ledger writes resumed after %.1f s", time.monotonic() - failing_since)
         self.written += len(batch)
         self.journal.stored([segment for segment, _ in batch])
         if self._observe_lag is not None:

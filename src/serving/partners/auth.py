@@ -24,11 +24,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 from serving.domain import Caller
 from serving.errors import PermissionDenied, Unauthenticated, Unavailable
 from serving.partners.keys import matches, parse_key
-from serving.partners.store import KeyOwner, PartnerStore
+from serving.partners.store import KeyOwner
 
 log = logging.getLogger("serving.auth")
 
@@ -37,10 +38,16 @@ _STALE_IF_ERROR_S = 300.0
 _LOOKUP_THREADS = 4
 
 
+class KeyDirectory(Protocol):
+    """Where keys are looked up (``PartnerStore``); raises ``Unavailable`` when its database is unreachable."""
+
+    def key_owner(self, key_id: str) -> KeyOwner | None: ...
+
+
 class Authenticator:
     def __init__(
         self,
-        store: PartnerStore,
+        store: KeyDirectory,
         ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
         max_entries: int = _MAX_CACHED,

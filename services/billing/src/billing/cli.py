@@ -7,7 +7,8 @@
     billing reconcile PERIOD
 
 Settings come from ``BILLING_*`` environment variables (see ``billing.settings``). Exit codes: 0 ok,
-2 bad arguments or settings, 3 period not complete yet, 4 a usage source failed, 5 pricing error.
+2 bad arguments or settings, 3 period not complete yet, 4 a usage source failed, 5 pricing error, 6 a database
+unreachable.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from billing.periods import PeriodError
 from billing.pricing import PricingError
 from billing.retry import SourceError
 from billing.service import PeriodIncomplete
+from serving.storage.database import DatabaseUnavailable
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ ERRORS: tuple[ErrorKind, ...] = (
     ErrorKind(PeriodIncomplete, 409, "period_incomplete", 3, "period not complete"),
     ErrorKind(SourceError, 502, "source_unavailable", 4, "usage source failed"),
     ErrorKind(PricingError, 422, "pricing_error", 5, "pricing"),
+    ErrorKind(DatabaseUnavailable, 503, "database_unavailable", 6, "database unreachable"),
 )
 BILLING_ERRORS = tuple(kind.error for kind in ERRORS)
 

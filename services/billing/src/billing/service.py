@@ -15,6 +15,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -61,11 +63,34 @@ class BillingService:
                 settings.prometheus_url, self.http, retry, self.metrics, settings.prometheus_job
             )
         self._close_lock = threading.Lock()
+        self._gateway_dbs: dict[str, Database] = {}  # PostgreSQL pools on the gateway's databases, opened on first use
+        self._gateway_dbs_lock = threading.Lock()
         self.metrics.needing_review.set(self.store.needing_review())
 
     def shutdown(self) -> None:
         self.http.close()
         self.store.close()
+        with self._gateway_dbs_lock:
+            pools, self._gateway_dbs = list(self._gateway_dbs.values()), {}
+        for db in pools:
+            db.close()
+
+    @contextmanager
+    def _gateway_db(self, url: str) -> Iterator[Database]:
+        """A read-only handle on one of the gateway's databases. A PostgreSQL pool stays open for the service's
+        life (it reconnects by itself after an outage); a SQLite file is opened per use (cheap; it may appear later)."""
+        if not url.startswith(("postgresql://", "postgres://")):
+            db = Database(url, read_only=True)
+            try:
+                yield db
+            finally:
+                db.close()
+            return
+        with self._gateway_dbs_lock:
+            pool = self._gateway_dbs.get(url)
+            if pool is None:
+                pool = self._gateway_dbs[url] = Database(url, read_only=True, max_connections=2)
+        yield pool
 
     # -- reading the counters ------------------------------------------------------------------------
     def check_complete(self, period: Period) -> None:
@@ -98,28 +123,19 @@ class BillingService:
         return self.prometheus.series(period.start, period.end, self.settings.prometheus_lookback_s)
 
     # -- computing -----------------------------------------------------------------------------------
-    def _ledger(self) -> LedgerReader:
-        return LedgerReader(Database(self.settings.ledger_db_url, read_only=True))
-
     def _plans(self, before: float) -> dict[str, str]:
         url = self.settings.partners_db_url
         if not url.startswith(("postgresql://", "postgres://")) and not Path(url.removeprefix("sqlite:///")).exists():
             return {}
-        plans = PartnerPlans(Database(url, read_only=True))
-        try:
-            return plans.plans(before)
-        finally:
-            plans.close()
+        with self._gateway_db(url) as db:
+            return PartnerPlans(db).plans(before)
 
     def compute(self, period: Period) -> tuple[list[Invoice], Reconciliation]:
         series = self.series(period)
         boundaries = [period.start, *self.book.changes(period.start, period.end), period.end]
         usage = bucket_usage(series, boundaries)
-        ledger = self._ledger()
-        try:
-            reconciliation = reconcile(period, series, ledger)
-        finally:
-            ledger.close()
+        with self._gateway_db(self.settings.ledger_db_url) as db:
+            reconciliation = reconcile(period, series, LedgerReader(db))
         drift = reconciliation.drift()
         # A partner the ledger knows but the counters never saw still gets an invoice (empty, flagged by its drift).
         seen_by_ledger = [p for p, d in drift.items() if d.ledger_tokens or d.ledger_requests]

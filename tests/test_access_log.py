@@ -28,7 +28,7 @@ async def test_one_line_per_request_with_partner_and_without_key(
         ok = await http.post(
             "/v1/embed",
             json={"model": "minilm-l6", "texts": ["hello"], "request_id": request_id},
-            headers={"authorization": f"Bearer {api_key}"},
+            headers={"authorization": f"Bearer {api_key}", "x-request-id": "trace-42"},
         )
         denied = await http.post(
             "/v1/embed", json={"model": "minilm-l6", "texts": ["hello"]}, headers={"authorization": "Bearer nope"}
@@ -43,8 +43,9 @@ async def test_one_line_per_request_with_partner_and_without_key(
     assert str(line["peer"]).startswith("127.0.0.1")
     assert set(line) == {
         "ts", "request_id", "partner_id", "model", "operation", "status", "latency_ms", "queue_ms",
-        "input_tokens", "output_tokens", "peer",
+        "input_tokens", "output_tokens", "peer", "correlation_id",
     }  # fmt: skip
+    assert line["correlation_id"] == "trace-42"
 
     texts = [r.getMessage() for r in caplog.records if r.name == access_log.ACCESS_LOGGER]
     assert not any(api_key in text or api_key.split("_")[-1] in text for text in texts)  # no key, no secret
@@ -75,7 +76,7 @@ def test_configure_writes_bare_json_lines_off_the_root_logger() -> None:
         assert json.loads(stream.getvalue()) == {
             "ts": "1970-01-01T00:00:00.000+00:00", "request_id": "r1", "partner_id": "p1", "model": "m",
             "operation": "embed", "status": "ok", "latency_ms": 12.5, "queue_ms": 0.0, "input_tokens": 3,
-            "output_tokens": 0, "peer": "10.0.0.1:5000",
+            "output_tokens": 0, "peer": "10.0.0.1:5000", "correlation_id": None,
         }  # fmt: skip
         assert logger.propagate is False
         lines = access_log.configure(False, stream)

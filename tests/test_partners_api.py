@@ -161,11 +161,13 @@ async def test_plan_limits_models_ip_and_headers(grpc_target: str, http_base: st
     assert int(trailing["retry-after"]) >= 1
 
 
-async def test_request_ids_are_idempotency_keys(http_base: str, store: PartnerStore) -> None:
+async def test_x_request_id_only_correlates(http_base: str, store: PartnerStore) -> None:
+    """``x-request-id`` is a correlation id: two calls with one value both run and are both billed, under ids of
+    their own; it is never an idempotency key."""
     _, key = new_partner(store)
-    body = {**EMBED, "request_id": f"order-{uuid.uuid4().hex[:8]}"}
-    async with httpx.AsyncClient(base_url=http_base) as http:
-        first = await http.post("/v1/embed", json=body, headers=bearer(key))
-        assert first.status_code == 200 and first.json()["request_id"] == body["request_id"]
-        again = await http.post("/v1/embed", json=body, headers=bearer(key))
-        assert again.status_code == 409 and again.json()["error"]["param"] == "request_id"
+    correlation = f"trace-{uuid.uuid4().hex[:8]}"
+    async with httpx.AsyncClient(base_url=http_base, headers=bearer(key) | {"x-request-id": correlation}) as http:
+        replies = [await http.post("/v1/embed", json=EMBED) for _ in range(2)]
+    assert [r.status_code for r in replies] == [200, 200]
+    ids = {r.json()["request_id"] for r in replies}
+    assert len(ids) == 2 and correlation not in ids and "idempotent-replayed" not in replies[1].headers

@@ -69,15 +69,6 @@ async def test_concurrency_and_monthly_budget(quota: QuotaBackend) -> None:
     await quota.reserve(budget, uuid.uuid4().hex, 6)
 
 
-async def test_request_ids_are_single_use(quota: QuotaBackend) -> None:
-    partner = f"p_{uuid.uuid4().hex[:12]}"
-    assert await quota.claim_request_id(partner, "order-1")
-    assert not await quota.claim_request_id(partner, "order-1")
-    assert await quota.claim_request_id(f"{partner}x", "order-1")  # another partner's id space
-    await quota.release_request_id(partner, "order-1")  # not admitted after all: a retry may use it
-    assert await quota.claim_request_id(partner, "order-1")
-
-
 async def test_unreachable_redis_fails_closed_by_default_or_open_when_configured() -> None:
     dead = "redis://127.0.0.1:1/0"  # nothing listens on port 1
     closed = RedisQuota(dead, timeout_s=0.2)

@@ -143,7 +143,7 @@ async def _open_sse(port: int, key: str, request_id: str) -> tuple[asyncio.Strea
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {key}\r\n"
-        f"x-request-id: {request_id}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+        f"idempotency-key: {request_id}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
     )
     writer.write(head.encode() + body)
     await writer.drain()

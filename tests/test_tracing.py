@@ -20,6 +20,8 @@ from serving.gateway.core import CallContext, Core
 from serving.gateway.grpc import _context
 from serving.gateway.http_common import HttpConfig, call_context
 from serving.gateway.router import Router
+from serving.idempotency.keys import IdempotencyKeys
+from serving.idempotency.store import MemoryIdempotency
 from serving.models.registry import ModelSpec
 from serving.observability.metrics import Metrics
 from serving.observability.tracing import Tracing, provider
@@ -43,9 +45,6 @@ class NullSink:
     def record(self, record: object) -> None:
         pass
 
-    def seen(self, partner_id: str, request_id: str) -> bool:
-        return False
-
 
 def named(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name]
@@ -63,6 +62,7 @@ def traced_core(
         Admission(MemoryQuota(), specs, settings.admission),
         NullSink(),
         lambda *_: [],
+        IdempotencyKeys(MemoryIdempotency(60.0, 1 << 20, 60.0), lambda _partner, _key: False),
         tracing,
     )
 
@@ -156,5 +156,5 @@ def test_front_doors_read_w3c_trace_context() -> None:
             return "ipv4:10.0.0.7:1234"
 
     fake: Any = FakeServicerContext()
-    grpc_ctx = _context(fake)
+    grpc_ctx = _context(fake, 60.0)
     assert (grpc_ctx.api_key, grpc_ctx.traceparent, grpc_ctx.tracestate) == ("k", TRACEPARENT, "vendor=1")

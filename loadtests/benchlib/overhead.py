@@ -70,12 +70,6 @@ class NoQuota:
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         pass
 
-    async def claim_request_id(self, partner_id: str, request_id: str) -> bool:
-        return True
-
-    async def release_request_id(self, partner_id: str, request_id: str) -> None:
-        pass
-
     async def close(self) -> None:
         pass
 
@@ -97,6 +91,8 @@ class OffGateway:
         from serving.gateway.app import build_routes
         from serving.gateway.core import Core
         from serving.gateway.router import Router
+        from serving.idempotency.keys import IdempotencyKeys
+        from serving.idempotency.store import MemoryIdempotency
         from serving.models.registry import ModelAdmission
         from serving.observability.metrics import Metrics
         from serving.quota.admission import Admission
@@ -111,6 +107,7 @@ class OffGateway:
             admission=Admission(NoQuota(), open_specs, settings.admission),
             ledger=DropLedger(),
             usage=lambda _partner, _start, _end: [],
+            keys=IdempotencyKeys(MemoryIdempotency(60.0, 1 << 20, 60.0), lambda _partner, _key: False),
         )
         self.grpc_port = 0
         self._server: Any = None
@@ -120,7 +117,7 @@ class OffGateway:
 
         s = self.settings
         server, self.grpc_port, _health = await build_grpc_server(
-            self.core, s.grpc_host, s.grpc_port, s.limits.max_request_bytes
+            self.core, s.grpc_host, s.grpc_port, s.limits.max_request_bytes, s.http_timeout_s
         )
         await server.start()
         self._server = server

@@ -1,7 +1,7 @@
 """The HTTP user: locust's ``HttpUser`` on the native routes (``/v1/embed``, ``/v1/classify``) and the
 OpenAI-compatible ones (``/v1/embeddings``, ``/v1/chat/completions``, streamed too, with time to first token
-as its own entry). Every request carries its own id in ``x-request-id``; each is reported once, with its
-outcome, through locust's ``catch_response`` context."""
+as its own entry). Every request carries its own id as its ``Idempotency-Key`` (the ledger records it); each is
+reported once, with its outcome, through locust's ``catch_response`` context."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class HttpApiUser(HttpUser):
 
     def post(self, name: str, path: str, body: dict[str, Any], stream: bool = False) -> None:
         request_id = self.actor.request_id()
-        headers = {"authorization": f"Bearer {self.actor.partner.api_key}", "x-request-id": request_id}
+        headers = {"authorization": f"Bearer {self.actor.partner.api_key}", "idempotency-key": request_id}
         started = time.perf_counter()
         with self.client.post(
             path, json=body, headers=headers, name=name, catch_response=True, stream=stream, timeout=60

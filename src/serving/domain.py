@@ -107,6 +107,7 @@ class GenerateResult:
     finish_reason: FinishReason
     usage: Usage
     request_id: str = ""
+    created: int = 0  # Unix time the request started (OpenAI's ``created``; the same when replayed)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,14 @@ class RouteNotFound(ServingError):
     pass
 
 
+class IdempotencyKeyReused(ServingError):
+    """The idempotency key was used before with a different request body."""
+
+
+class RequestInProgress(ServingError):
+    """A request with this idempotency key is still running; retry after it finished to get its outcome."""
+
+
 class QuotaExceeded(ServingError):
     rate_limits: object | None = None  # the quota state to report in headers (a quota.limiter.RateLimits)
 
@@ -90,6 +98,8 @@ ERROR_TABLE: dict[type[ServingError], ErrorKind] = {
     ModelNotFound: ErrorKind("NOT_FOUND", 404, "invalid_request_error", "model_not_found"),
     AlreadyExists: ErrorKind("ALREADY_EXISTS", 409, "invalid_request_error", "request_id_reused"),
     RouteNotFound: ErrorKind("UNIMPLEMENTED", 404, "invalid_request_error", "not_found"),
+    IdempotencyKeyReused: ErrorKind("FAILED_PRECONDITION", 422, "invalid_request_error", "idempotency_key_reused"),
+    RequestInProgress: ErrorKind("ABORTED", 409, "invalid_request_error", "request_in_progress"),
     QuotaExceeded: ErrorKind("RESOURCE_EXHAUSTED", 429, "rate_limit_error", "quota_exceeded"),
     Overloaded: ErrorKind("UNAVAILABLE", 503, "overloaded_error", "overloaded"),
     Unavailable: ErrorKind("UNAVAILABLE", 503, "server_error", "unavailable"),

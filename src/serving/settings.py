@@ -90,6 +90,10 @@ class Settings:
     quota_failure_policy: str = "closed"  # when Redis is unreachable: "closed" rejects (503), "open" admits
     redis_timeout_s: float = 2.0  # past this a quota call counts as "Redis unreachable"
     quota_lease_s: float | None = None  # concurrency lease lifetime; None: http_timeout_s + admission wait + grace
+    # Idempotency keys: a retry with the same key and body replays the stored outcome for this long; an outcome
+    # larger than the cap is not kept (its retry is refused, never run twice). Redis when redis_url is set.
+    idempotency_ttl_s: float = 86_400.0
+    idempotency_max_bytes: int = 1_048_576
     admin_token: str | None = None
     gateway_id: str = "gateway-0"  # names this replica's usage journal; unique per replica sharing a data dir
     ledger_flush_interval_s: float = 0.05

@@ -29,6 +29,9 @@ from serving.gateway.http_admin import admin_router
 from serving.gateway.http_common import HttpConfig
 from serving.gateway.http_ops import build_ops_app
 from serving.gateway.router import ModelRoute, Router, replica_counts
+from serving.idempotency.keys import IdempotencyKeys
+from serving.idempotency.redis_store import RedisIdempotency
+from serving.idempotency.store import IdempotencyStore, MemoryIdempotency
 from serving.metering.ledger import Ledger
 from serving.metering.usage import usage_by_day
 from serving.models.codec import TextCodec
@@ -92,12 +95,24 @@ class _Listener(uvicorn.Server):
         yield
 
 
+def _longest_request_s(settings: Settings) -> float:
+    """How long a request can hold anything: its wait in the fair queue, its timeout, the shutdown grace."""
+    return settings.admission.max_wait_s + settings.http_timeout_s + settings.shutdown_grace_s
+
+
+def build_idempotency(settings: Settings) -> IdempotencyStore:
+    """In-process for one replica; Redis (shared, like the quota) when replicas share state."""
+    ttl, cap, running = settings.idempotency_ttl_s, settings.idempotency_max_bytes, _longest_request_s(settings)
+    if settings.redis_url is None:
+        return MemoryIdempotency(ttl, cap, running)
+    return RedisIdempotency(
+        settings.redis_url, ttl_s=ttl, max_bytes=cap, running_ttl_s=running, timeout_s=settings.redis_timeout_s
+    )
+
+
 def build_quota(settings: Settings, metrics: Metrics) -> QuotaBackend:
     """In-process for one replica; Redis when replicas share quota."""
-    # A lease outlives the longest request: its wait in the fair queue, its timeout, the shutdown grace.
-    lease_s = settings.quota_lease_s or (
-        settings.admission.max_wait_s + settings.http_timeout_s + settings.shutdown_grace_s
-    )
+    lease_s = settings.quota_lease_s or _longest_request_s(settings)  # a lease outlives the longest request
     if settings.redis_url is None:
         return MemoryQuota(lease_s=lease_s)
     return RedisQuota(
@@ -131,6 +146,7 @@ class Gateway:
         )
         self.metrics.bind_ledger_backlog(lambda: self.ledger.backlog)
         self.authenticator = Authenticator(store, settings.auth_cache_ttl_s)
+        self.idempotency = build_idempotency(settings)
         self.core = Core(
             self.authenticator,
             self.router,
@@ -139,6 +155,7 @@ class Gateway:
             Admission(self.quota, specs, settings.admission, on_shed=self._count_shed),
             self.ledger,
             functools.partial(usage_by_day, self.ledger.db),
+            IdempotencyKeys(self.idempotency, self.ledger.seen),
             self.tracing,
         )
         self.app_names = {spec.id: f"{settings.serve_app_name}-{spec.id}" for spec in specs}
@@ -214,7 +231,7 @@ class Gateway:
         s = self.settings
         self._replica_task = asyncio.create_task(self.poll_replicas())
         grpc_server, self.grpc_port, self._health = await build_grpc_server(
-            self.core, s.grpc_host, s.grpc_port, s.limits.max_request_bytes
+            self.core, s.grpc_host, s.grpc_port, s.limits.max_request_bytes, s.http_timeout_s
         )
         await grpc_server.start()
         self._grpc_server = grpc_server
@@ -282,6 +299,7 @@ class Gateway:
         self.ledger.db.close()
         self.authenticator.close()
         await self.quota.close()
+        await self.idempotency.close()
         await asyncio.to_thread(self.tracing.shutdown)  # flushes spans still queued for export
 
     async def stop(self, final_scrape_wait_s: float | None = None) -> None:

@@ -14,7 +14,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 from opentelemetry.trace import Span
@@ -34,7 +34,6 @@ from serving.domain import (
     Usage,
 )
 from serving.errors import (
-    AlreadyExists,
     DeadlineExceeded,
     PermissionDenied,
     QuotaExceeded,
@@ -44,6 +43,8 @@ from serving.errors import (
 )
 from serving.gateway import validation
 from serving.gateway.router import ModelRoute, Router
+from serving.idempotency.codec import Outcome, fingerprint
+from serving.idempotency.keys import IdempotencyKeys
 from serving.metering.record import UsageRecord
 from serving.metering.usage import UsageReport, UsageRow
 from serving.models.sequence import GenerateItem, GenerateOutput
@@ -63,10 +64,6 @@ T = TypeVar("T")
 class UsageSink(Protocol):
     def record(self, record: UsageRecord) -> None: ...
 
-    def seen(self, partner_id: str, request_id: str) -> bool:
-        """Whether a stored record already carries this request id."""
-        ...
-
 
 class UsageSource(Protocol):
     def __call__(self, partner_id: str, start_day: str, end_day: str) -> list[UsageRow]: ...
@@ -78,6 +75,7 @@ class ResponseMeta:
 
     request_id: str = ""
     rate_limits: RateLimits | None = None
+    replayed: bool = False  # the outcome of an earlier request with the same idempotency key
 
 
 @dataclass(frozen=True)
@@ -88,6 +86,7 @@ class CallContext:
     timeout_s: float | None = None
     peer: str | None = None
     meta: ResponseMeta = field(default_factory=ResponseMeta)
+    correlation_id: str | None = None  # the caller's x-request-id: logged, never an idempotency key
     traceparent: str | None = None  # W3C trace context sent by the partner, continued by the request span
     tracestate: str | None = None
 
@@ -102,7 +101,11 @@ class _Call:
     started_perf: float = field(default_factory=time.perf_counter)
     caller: Caller | None = None
     request_id: str = ""
-    client_request_id: bool = False
+    client_request_id: bool = False  # the id is the caller's idempotency key
+    fingerprint: str = ""
+    claimed: bool = False  # this call holds its idempotency key
+    result: Outcome | None = None
+    error: BaseException | None = None
     reservation: Reservation | None = None
     queued: bool = False
     entered: bool = False
@@ -111,10 +114,12 @@ class _Call:
     status: str = "ok"
     quota_reason: str = ""
     peer: str | None = None
+    correlation_id: str | None = None
     span: Span | None = None
     finished: bool = False
 
     def fail(self, exc: BaseException) -> None:
+        self.error = exc
         self.status = _status(exc)
         if isinstance(exc, QuotaExceeded):
             self.quota_reason = exc.param or "quota"
@@ -173,6 +178,7 @@ class Core:
         admission: Admission,
         ledger: UsageSink,
         usage: UsageSource,
+        keys: IdempotencyKeys,
         tracing: Tracing | None = None,
     ) -> None:
         self._tracing = tracing or Tracing.disabled()
@@ -183,6 +189,7 @@ class Core:
         self._admission = admission
         self._ledger = ledger
         self._usage = usage
+        self._keys = keys
         self._active = 0  # calls begun and not yet finished
         self._idle = asyncio.Event()
         self.draining = False
@@ -193,11 +200,14 @@ class Core:
         call = self._begin("embed", req.model)
         try:
             route = await self._prepare(call, ctx, req.request_id, Task.EMBED)
+            if (replayed := await self._replay(call, ctx, req)) is not None:
+                return _expect(replayed, EmbedResult)
             tokens = validation.texts(req.texts, self._limits, route.codec, route.spec)
             await self._admit(call, ctx, tokens)
             vectors = await self._bounded(route.infer(list(req.texts), call.span), ctx)
             call.usage = Usage(input_tokens=tokens)
-            return EmbedResult(req.model, vectors, call.usage, call.request_id)
+            call.result = EmbedResult(req.model, vectors, call.usage, call.request_id)
+            return call.result
         except BaseException as exc:
             call.fail(exc)
             raise
@@ -208,12 +218,15 @@ class Core:
         call = self._begin("classify", req.model)
         try:
             route = await self._prepare(call, ctx, req.request_id, Task.CLASSIFY)
+            if (replayed := await self._replay(call, ctx, req)) is not None:
+                return _expect(replayed, ClassifyResult)
             tokens = validation.texts(req.texts, self._limits, route.codec, route.spec)
             labels = validation.labels(req.labels, route.spec, self._limits)
             await self._admit(call, ctx, tokens)
             results = await self._bounded(route.infer([(text, labels) for text in req.texts], call.span), ctx)
             call.usage = Usage(input_tokens=tokens)
-            return ClassifyResult(req.model, results, call.usage, call.request_id)
+            call.result = ClassifyResult(req.model, results, call.usage, call.request_id)
+            return call.result
         except BaseException as exc:
             call.fail(exc)
             raise
@@ -232,7 +245,7 @@ class Core:
                     final = event
         if final is None:
             raise AssertionError("a generation stream ended without its final event")
-        return GenerateResult(final.model, "".join(text), final.finish_reason, final.usage, final.request_id)
+        return replace(final, text="".join(text))
 
     async def generate_stream(self, ctx: CallContext, req: GenerateRequest) -> EventStream:
         """Authenticates, validates and admits now (errors raise before any event); then streams. The caller
@@ -241,6 +254,10 @@ class Core:
         call = self._begin("generate", req.model)
         try:
             route = await self._prepare(call, ctx, req.request_id, Task.GENERATE)
+            if (replayed := await self._replay(call, ctx, req)) is not None:
+                final = _expect(replayed, GenerateResult)
+                await self._finish(call)
+                return EventStream(_replay_events(final), _nothing)
             params = validation.sampling(req, self._limits)
             prompt = validation.prompt_ids(req, route.codec, route.spec, self._limits)
             # Reserve the most it can cost; settling refunds what it did not use.
@@ -274,9 +291,13 @@ class Core:
                     async for event in route.generate(item):
                         if isinstance(event, GenerateOutput):
                             call.usage = Usage(len(item.prompt_ids), event.output_tokens)
-                            await self._finish(call)  # recorded before the client can see the final event
                             usage, request_id = call.usage, call.request_id
-                            yield GenerateResult(call.model, event.text, event.finish_reason, usage, request_id)
+                            final = GenerateResult(
+                                call.model, event.text, event.finish_reason, usage, request_id, int(call.started)
+                            )
+                            call.result = final
+                            await self._finish(call)  # recorded (and kept for replay) before the client sees it
+                            yield final
                             return
                         if event.text:
                             pace.chunk()
@@ -348,6 +369,7 @@ class Core:
 
     async def _prepare(self, call: _Call, ctx: CallContext, request_id: str, task: Task) -> ModelRoute:
         call.peer = ctx.peer
+        call.correlation_id = ctx.correlation_id
         if self.draining:
             raise Unavailable("this gateway is shutting down; retry (another replica answers)", retry_after_s=1.0)
         call.span = self._tracing.start_request(call.operation, call.model, ctx.traceparent, ctx.tracestate)
@@ -360,40 +382,44 @@ class Core:
             call.client_request_id = bool(request_id)
             return route
 
+    async def _replay(self, call: _Call, ctx: CallContext, request: object) -> Outcome | None:
+        """With an idempotency key: claims it (None: run the request), or returns the outcome stored for it (an
+        error outcome is raised), or raises why it cannot run now."""
+        if not call.client_request_id:
+            return None
+        assert call.caller is not None
+        call.fingerprint = fingerprint(call.operation, request)
+        outcome = await self._keys.claim(call.caller.partner_id, call.request_id, call.fingerprint)
+        if outcome is None:
+            call.claimed = True
+            return None
+        ctx.meta.replayed = True
+        if isinstance(outcome, ServingError):
+            raise outcome
+        call.status = "replayed"
+        return outcome
+
     async def _admit(self, call: _Call, ctx: CallContext, tokens: int) -> None:
         with self._tracing.stage("admit", call.span):
             await self._admit_steps(call, ctx, tokens)
 
     async def _admit_steps(self, call: _Call, ctx: CallContext, tokens: int) -> None:
-        """Claims a client's request id, reserves quota and waits for a model slot. Only a request that
-        gets through all three is admitted (metered); any other leaves no trace, so a retry can reuse its id."""
+        """Reserves quota and waits for a model slot. Only a request that gets through both is admitted
+        (metered); any other leaves no trace, so a retry can reuse its idempotency key."""
         caller = call.caller
         assert caller is not None
-        claimed = False
-        if call.client_request_id:
-            claimed = await self._admission.claim_request_id(caller, call.request_id)
-            if not claimed or await asyncio.to_thread(self._ledger.seen, caller.partner_id, call.request_id):
-                raise AlreadyExists(
-                    f"request_id {call.request_id!r} was already used; each request needs a new one",
-                    param="request_id",
-                )
         try:
-            try:
-                reservation = await self._admission.reserve(caller, tokens)
-            except QuotaExceeded as exc:
-                ctx.meta.rate_limits = exc.rate_limits  # type: ignore[assignment]
-                raise
-            ctx.meta.rate_limits = reservation.limits
-            call.queued = True
-            waited = time.perf_counter()
-            try:
-                await self._admission.enter(call.model, caller)
-            except BaseException:
-                await self._admission.settle(reservation, 0)
-                raise
+            reservation = await self._admission.reserve(caller, tokens)
+        except QuotaExceeded as exc:
+            ctx.meta.rate_limits = exc.rate_limits  # type: ignore[assignment]
+            raise
+        ctx.meta.rate_limits = reservation.limits
+        call.queued = True
+        waited = time.perf_counter()
+        try:
+            await self._admission.enter(call.model, caller)
         except BaseException:
-            if claimed:
-                await self._admission.release_request_id(caller, call.request_id)
+            await self._admission.settle(reservation, 0)
             raise
         call.entered = True
         call.reservation = reservation
@@ -439,6 +465,13 @@ class Core:
                 )
             )
             self._admission.settle_soon(call.reservation, call.usage.input_tokens + call.usage.output_tokens)
+        if call.claimed:
+            assert call.caller is not None
+            admitted = call.reservation is not None
+            await self._keys.settle(
+                call.caller.partner_id, call.request_id, call.fingerprint, admitted, call.result, call.error,
+                call.usage.output_tokens,
+            )  # fmt: skip
         self._observe(call, finished_at - call.started)
         access_log.write(
             access,
@@ -452,6 +485,7 @@ class Core:
             input_tokens=call.usage.input_tokens,
             output_tokens=call.usage.output_tokens,
             peer=call.peer,
+            correlation_id=call.correlation_id,
             finished_at=finished_at,
         )
         partner = call.caller.partner_id if call.caller is not None else None
@@ -475,6 +509,27 @@ class Core:
                 metrics.generated_tokens.labels(call.model).inc(call.usage.output_tokens)
         if call.quota_reason:
             metrics.quota_rejections.labels(model, call.quota_reason).inc()
+
+
+R = TypeVar("R", EmbedResult, ClassifyResult, GenerateResult)
+
+
+def _expect(outcome: Outcome, kind: type[R]) -> R:
+    """A replayed outcome of the operation's own result type (the fingerprint covers the operation)."""
+    if not isinstance(outcome, kind):
+        raise TypeError(f"stored outcome {type(outcome).__name__} where {kind.__name__} was expected")
+    return outcome
+
+
+async def _replay_events(final: GenerateResult) -> AsyncIterator[StreamEvent]:
+    """A finished stream, replayed: its whole text as one delta, then its final event."""
+    if final.text:
+        yield TextDelta(final.text, final.usage.output_tokens)
+    yield final
+
+
+async def _nothing() -> None:
+    """A replayed stream has nothing to settle when it is closed unread."""
 
 
 def _status(exc: BaseException) -> str:

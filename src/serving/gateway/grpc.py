@@ -98,18 +98,20 @@ def _peer_ip(peer: str) -> str | None:
     return None
 
 
-def _context(context: grpc.aio.ServicerContext) -> CallContext:
+def _context(context: grpc.aio.ServicerContext, max_timeout_s: float) -> CallContext:
     api_key = None
     trace: dict[str, str] = {}
     for key, value in context.invocation_metadata() or ():
         if key == "authorization" and isinstance(value, str):
             scheme, _, token = value.partition(" ")
             api_key = token.strip() if scheme.lower() == "bearer" else None
-        elif key in ("traceparent", "tracestate") and isinstance(value, str):  # W3C trace context
-            trace[key] = value
+        elif key in ("traceparent", "tracestate", "x-request-id") and isinstance(value, str):
+            trace[key] = value  # W3C trace context, and the caller's correlation id
+    remaining = context.time_remaining()  # None: the client set no deadline; the server's cap applies
     return CallContext(
         api_key=api_key,
-        timeout_s=context.time_remaining(),
+        timeout_s=max_timeout_s if remaining is None else min(remaining, max_timeout_s),
+        correlation_id=trace.get("x-request-id"),
         peer=_peer_ip(context.peer()),
         traceparent=trace.get("traceparent"),
         tracestate=trace.get("tracestate"),
@@ -117,9 +119,10 @@ def _context(context: grpc.aio.ServicerContext) -> CallContext:
 
 
 class GrpcFrontDoor:
-    def __init__(self, core: Core, max_request_bytes: int) -> None:
+    def __init__(self, core: Core, max_request_bytes: int, max_timeout_s: float) -> None:
         self._core = core
         self._max_bytes = max_request_bytes
+        self._max_timeout_s = max_timeout_s  # calls without a deadline get this one (as HTTP calls do)
 
     def _unary(
         self,
@@ -129,7 +132,7 @@ class GrpcFrontDoor:
         to_wire: Callable[[Any], Message],
     ) -> grpc.RpcMethodHandler:
         async def handle(request: Message | _Malformed, context: grpc.aio.ServicerContext) -> Message:
-            ctx = _context(context)
+            ctx = _context(context, self._max_timeout_s)
             try:
                 if isinstance(request, _Malformed):
                     raise request.error
@@ -146,7 +149,7 @@ class GrpcFrontDoor:
 
     def _generate_stream(self) -> grpc.RpcMethodHandler:
         async def handle(request: Message | _Malformed, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
-            ctx = _context(context)
+            ctx = _context(context, self._max_timeout_s)
             try:
                 if isinstance(request, _Malformed):
                     raise request.error
@@ -241,13 +244,13 @@ class Health:
 
 
 async def build_grpc_server(
-    core: Core, host: str, port: int, max_request_bytes: int
+    core: Core, host: str, port: int, max_request_bytes: int, max_timeout_s: float
 ) -> tuple[grpc.aio.Server, int, Health]:
     """The server with inference, models, health and reflection; returns it with its bound port and health."""
     # grpc's own cap sits well above ours so that oversize bodies reach our check and get INVALID_ARGUMENT.
     cap = max(16 * 1024 * 1024, 4 * max_request_bytes)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", cap), ("grpc.so_reuseport", 0)])
-    server.add_generic_rpc_handlers(GrpcFrontDoor(core, max_request_bytes).handlers())
+    server.add_generic_rpc_handlers(GrpcFrontDoor(core, max_request_bytes, max_timeout_s).handlers())
     health_state = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)
     reflection.enable_server_reflection(

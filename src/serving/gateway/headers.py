@@ -15,6 +15,8 @@ def response_pairs(meta: ResponseMeta) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
     if meta.request_id:
         pairs.append(("x-request-id", meta.request_id))
+    if meta.replayed:
+        pairs.append(("idempotent-replayed", "true"))  # the stored outcome of an earlier call with this key
     limits = meta.rate_limits
     if limits is not None:
         if limits.limit_requests:

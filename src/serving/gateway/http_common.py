@@ -126,6 +126,7 @@ def call_context(request: Request, config: HttpConfig) -> CallContext:
         api_key=token.strip() if scheme.lower() == "bearer" else None,
         timeout_s=timeout,
         peer=request.client.host if request.client else None,
+        correlation_id=request.headers.get("x-request-id"),
         traceparent=request.headers.get("traceparent"),  # W3C trace context
         tracestate=request.headers.get("tracestate"),
     )
@@ -134,7 +135,8 @@ def call_context(request: Request, config: HttpConfig) -> CallContext:
 
 
 def request_id_header(request: Request) -> str:
-    return request.headers.get("idempotency-key") or request.headers.get("x-request-id") or ""
+    """The idempotency key of an HTTP call: ``Idempotency-Key`` (``x-request-id`` only correlates; never a key)."""
+    return request.headers.get("idempotency-key") or ""
 
 
 def sse(events: AsyncIterator[str], stream: EventStream) -> StreamingResponse:

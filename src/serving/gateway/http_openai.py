@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,7 +32,7 @@ def _chat_request(body: schemas.OpenAIChatBody, request: Request) -> GenerateReq
         top_p=None if body.top_p is None else float(body.top_p),
         stop=stop,
         seed=body.seed,
-        request_id=request_id_header(request) or uuid.uuid4().hex,
+        request_id=request_id_header(request),  # empty: the core names the request, and nothing is claimed
     )
 
 
@@ -116,13 +115,13 @@ def openai_router(core: Core, config: HttpConfig) -> APIRouter:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             stream = await core.generate_stream(ctx, req)
-            return sse(_chat_events(stream, body.model, req.request_id, include_usage), stream)
+            return sse(_chat_events(stream, body.model, ctx.meta.request_id, include_usage), stream)
         result = await core.generate(ctx, req)
         return JSONResponse(
             {
                 "id": f"chatcmpl-{result.request_id}",
                 "object": "chat.completion",
-                "created": int(time.time()),
+                "created": result.created,
                 "model": result.model,
                 "choices": [
                     {

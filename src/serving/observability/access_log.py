@@ -2,7 +2,7 @@
 
 A dedicated logger (``serving.access``), so that operators route or silence it apart from the application log.
 Fields: time, request id, partner id (never the API key or its id), model, operation, final status, latency,
-fair-queue wait, tokens and the caller's address.
+fair-queue wait, tokens, the caller's address and its correlation id (``x-request-id``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def write(
     output_tokens: int,
     peer: str | None,
     finished_at: float,
+    correlation_id: str | None = None,
 ) -> None:
     if not logger.isEnabledFor(logging.INFO):
         return
@@ -47,6 +48,7 @@ def write(
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
         "peer": peer,
+        "correlation_id": correlation_id,  # the caller's x-request-id, when it sent one
     }
     logger.info(json.dumps(line, separators=(",", ":")))
 

@@ -62,9 +62,3 @@ class Admission:
 
     def leave(self, model: str) -> None:
         self.queues[model].release()
-
-    async def claim_request_id(self, caller: Caller, request_id: str) -> bool:
-        return await self.quota.claim_request_id(caller.partner_id, request_id)
-
-    async def release_request_id(self, caller: Caller, request_id: str) -> None:
-        await self.quota.release_request_id(caller.partner_id, request_id)

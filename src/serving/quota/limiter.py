@@ -47,14 +47,6 @@ class QuotaBackend(Protocol):
         """Replaces the reserved tokens with the actual count and frees the concurrency slot."""
         ...
 
-    async def claim_request_id(self, partner_id: str, request_id: str) -> bool:
-        """True the first time a partner uses a request id (idempotency keys are single-use)."""
-        ...
-
-    async def release_request_id(self, partner_id: str, request_id: str) -> None:
-        """Gives a claimed id back: the request was not admitted, so a retry may use it."""
-        ...
-
     async def close(self) -> None: ...
 
 

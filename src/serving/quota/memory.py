@@ -18,7 +18,6 @@ from serving.quota.limiter import (
 )
 
 DEFAULT_LEASE_S = 90.0  # what Settings derives by default: http_timeout_s + admission wait + shutdown grace
-_CLAIMED_MAX = 1_000_000
 
 
 @dataclass
@@ -53,7 +52,6 @@ class MemoryQuota:
         self._clock = clock
         self._lease_s = lease_s  # a lease never released (its settle was lost) frees its slot after this
         self._state: dict[str, _PartnerState] = {}
-        self._claimed: set[tuple[str, str]] = set()
 
     async def reserve(self, caller: Caller, reservation_id: str, tokens: int) -> Reservation:
         now = self._clock()
@@ -103,18 +101,6 @@ class MemoryQuota:
             state.token_sum += delta
         state.months[reservation.month] = state.months.get(reservation.month, 0) + delta
         state.leases.pop(reservation.reservation_id, None)
-
-    async def claim_request_id(self, partner_id: str, request_id: str) -> bool:
-        key = (partner_id, request_id)
-        if key in self._claimed:
-            return False
-        if len(self._claimed) >= _CLAIMED_MAX:
-            self._claimed.clear()  # the ledger's primary key still rejects older duplicates
-        self._claimed.add(key)
-        return True
-
-    async def release_request_id(self, partner_id: str, request_id: str) -> None:
-        self._claimed.discard((partner_id, request_id))
 
     async def close(self) -> None:
         pass

@@ -39,7 +39,6 @@ log = logging.getLogger("serving.quota")
 T = TypeVar("T")
 
 DEFAULT_LEASE_S = 90.0  # what Settings derives by default: http_timeout_s + admission wait + shutdown grace
-_CLAIM_TTL_S = 7 * 24 * 3600
 _SETTLE_RETRY_FIRST_S = 0.25  # background settle retries: first delay, doubling up to the cap
 _SETTLE_RETRY_MAX_S = 5.0
 _MAX_PENDING_SETTLES = 10_000  # beyond this a failed settlement is dropped and its lease expires
@@ -256,19 +255,6 @@ class RedisQuota:
                         break
                     delay = _SETTLE_RETRY_FIRST_S
                 self._pending.popleft()  # settled, or its lease has expired and freed the slot already
-
-    async def claim_request_id(self, partner_id: str, request_id: str) -> bool:
-        try:
-            return bool(await self._redis.set(f"idem:{{{partner_id}}}:{request_id}", 1, nx=True, ex=_CLAIM_TTL_S))
-        except RedisError as exc:
-            self._unreachable(exc)
-            return True
-
-    async def release_request_id(self, partner_id: str, request_id: str) -> None:
-        try:
-            await self._redis.delete(f"idem:{{{partner_id}}}:{request_id}")
-        except RedisError as exc:
-            log.warning("could not release request id %s: %s", request_id, exc)
 
     async def close(self) -> None:
         if self._retrier is not None:

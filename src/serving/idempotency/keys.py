@@ -1,0 +1,77 @@
+"""The core's side of idempotency keys: claim a key (or get the outcome to replay), then store what happened."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from serving.errors import AlreadyExists, Cancelled, IdempotencyKeyReused, RequestInProgress, ServingError
+from serving.idempotency.codec import Outcome, decode, encode
+from serving.idempotency.store import IdempotencyStore
+
+
+class IdempotencyKeys:
+    def __init__(self, store: IdempotencyStore, seen: Callable[[str, str], bool]) -> None:
+        self.store = store
+        self._seen = seen  # whether the ledger already holds a record with this id (blocking: run in a thread)
+
+    async def claim(self, partner_id: str, key: str, fingerprint: str) -> Outcome | None:
+        """None: this request holds the key and runs. Otherwise the stored outcome to replay (an error outcome is
+        returned, not raised). Raises when the key cannot be used now or with this body."""
+        claim = await self.store.begin(partner_id, key, fingerprint)
+        if claim.state == "in_progress":
+            raise RequestInProgress(
+                f"a request with idempotency key {key!r} is still running; retry after it finished to get its result",
+                param="request_id",
+                retry_after_s=1.0,
+            )
+        if claim.state == "mismatch":
+            raise IdempotencyKeyReused(
+                f"idempotency key {key!r} was already used with a different request body; send a new key for a"
+                " new request (a retry must repeat the body exactly)",
+                param="request_id",
+            )
+        if claim.state == "done":
+            assert claim.outcome is not None
+            return decode(claim.outcome, key)
+        # A new claim, unless the ledger holds the id already (the stored outcome expired or the store was reset).
+        if await asyncio.to_thread(self._seen, partner_id, key):
+            await self.store.release(partner_id, key, fingerprint)
+            raise AlreadyExists(
+                f"request_id {key!r} was used by a request that ran and was billed, and its result is no longer"
+                " kept for replay; send a new key",
+                param="request_id",
+            )
+        return None
+
+    async def settle(
+        self,
+        partner_id: str,
+        key: str,
+        fingerprint: str,
+        admitted: bool,
+        result: Outcome | None,
+        error: BaseException | None,
+        output_tokens: int,
+    ) -> None:
+        """Releases the key of a request that was not admitted; stores the outcome of one that was."""
+        if not admitted:
+            await self.store.release(partner_id, key, fingerprint)
+            return
+        outcome: Outcome
+        if result is not None and error is None:
+            outcome = result
+        elif isinstance(error, ServingError):
+            outcome = error
+        elif isinstance(error, asyncio.CancelledError | GeneratorExit):
+            outcome = Cancelled(
+                f"the request with idempotency key {key!r} was cancelled by its client after {output_tokens} output"
+                " tokens (billed); send a new key to run it again",
+                param="request_id",
+            )
+        else:
+            outcome = AlreadyExists(
+                f"the request with idempotency key {key!r} failed after it was admitted; send a new key",
+                param="request_id",
+            )
+        await self.store.finish(partner_id, key, fingerprint, encode(outcome))

@@ -13,6 +13,8 @@ from serving.domain import EmbedRequest
 from serving.gateway.app import build_routes
 from serving.gateway.core import CallContext, Core
 from serving.gateway.router import Router
+from serving.idempotency.keys import IdempotencyKeys
+from serving.idempotency.store import MemoryIdempotency
 from serving.metering.record import UsageRecord
 from serving.models.registry import ModelSpec
 from serving.observability.metrics import Metrics
@@ -45,9 +47,8 @@ async def test_concurrent_requests_reach_the_replica_as_one_batch(
     )
     sink = ListSink()
     admission = Admission(MemoryQuota(), specs, settings.admission)
-    core = Core(
-        Authenticator(store, 5.0), router, settings.limits, Metrics(), admission, ledger=sink, usage=lambda *_: []
-    )
+    keys = IdempotencyKeys(MemoryIdempotency(60.0, 1 << 20, 60.0), sink.seen)
+    core = Core(Authenticator(store, 5.0), router, settings.limits, Metrics(), admission, sink, lambda *_: [], keys)
     route = router.routes["minilm-l6"]
     before = await route.batch_stats()
 

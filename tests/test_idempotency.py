@@ -17,7 +17,9 @@ from conftest import REDIS_URL
 
 from serving.client import ApiError, AsyncClient, RetryPolicy
 from serving.domain import GenerateResult, TextDelta
+from serving.errors import Unavailable
 from serving.gateway.app import Gateway
+from serving.idempotency.keys import IdempotencyKeys
 from serving.idempotency.redis_store import RedisIdempotency
 from serving.idempotency.store import TOO_LARGE, Claim, IdempotencyStore, MemoryIdempotency
 from serving.partners.store import PartnerStore
@@ -203,3 +205,15 @@ async def test_a_request_that_was_not_admitted_can_be_retried_with_its_key(
         assert bad.status_code == 400
         fixed = await http.post("/v1/embed", json={"model": "minilm-l6", "texts": ["now valid"]})
     assert fixed.status_code == 200 and fixed.json()["request_id"] == request_id
+
+
+async def test_a_ledger_outage_while_claiming_gives_the_key_back() -> None:
+    """The ledger lookup of a new claim fails (database down: 503): the key is free again for the retry."""
+    store = MemoryIdempotency(ttl_s=60.0, max_bytes=64, running_ttl_s=30.0)
+
+    def unreachable(_partner: str, _key: str) -> bool:
+        raise Unavailable("the partner database is unreachable", retry_after_s=1.0)
+
+    with pytest.raises(Unavailable):
+        await IdempotencyKeys(store, unreachable).claim("p", "order-1", "body")
+    assert await IdempotencyKeys(store, lambda _p, _k: False).claim("p", "order-1", "body") is None

@@ -35,7 +35,12 @@ class IdempotencyKeys:
             assert claim.outcome is not None
             return decode(claim.outcome, key)
         # A new claim, unless the ledger holds the id already (the stored outcome expired or the store was reset).
-        if await asyncio.to_thread(self._seen, partner_id, key):
+        try:
+            seen = await asyncio.to_thread(self._seen, partner_id, key)
+        except BaseException:  # the ledger is unreachable (503): give the claim back so a retry can run
+            await self.store.release(partner_id, key, fingerprint)
+            raise
+        if seen:
             await self.store.release(partner_id, key, fingerprint)
             raise AlreadyExists(
                 f"request_id {key!r} was used by a request that ran and was billed, and its result is no longer"

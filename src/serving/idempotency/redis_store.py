@@ -3,8 +3,8 @@ so that claiming, finishing and releasing are atomic. The hash lives ``running_t
 (a replica that dies mid-request frees the key then; the ledger still refuses to bill the id twice) and
 ``ttl_s`` once the outcome is stored.
 
-When Redis cannot be reached the quota's failure policy applies the same way: fail-closed refuses the request
-(UNAVAILABLE, retry-after) rather than risk running it twice.
+When Redis cannot be reached a request with a key is refused (UNAVAILABLE, retry-after) whatever the quota's
+failure policy: running it without its claim could run it twice. Requests without a key never touch this store.
 """
 
 from __future__ import annotations

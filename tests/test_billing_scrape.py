@@ -103,6 +103,10 @@ async def test_embedded_scrape_close_over_http_and_drift_needs_review(
         await wait_until(lambda: scraped_since(end), 30, "billing to scrape past the period end")
         period = Period.parse(f"{iso(start)}..{iso(end)}").id
 
+        async with httpx.AsyncClient() as anonymous:  # invoices name every partner: the API needs the admin token
+            assert (await anonymous.post(f"{url}/v1/periods/{period}/close")).status_code == 401
+            wrong = {"authorization": "Bearer not-the-admin-token"}
+            assert (await anonymous.get(f"{url}/v1/invoices", headers=wrong)).status_code == 403
         closed = await http.post(f"{url}/v1/periods/{period}/close")
         assert closed.status_code == 200, closed.text
         assert closed.json()["invoices"] == [

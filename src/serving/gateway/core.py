@@ -13,7 +13,7 @@ import datetime
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
@@ -43,6 +43,7 @@ from serving.errors import (
 )
 from serving.gateway import validation
 from serving.gateway.router import ModelRoute, Router
+from serving.gateway.stream import EventStream, StreamPace, nothing_to_settle, replay_events
 from serving.idempotency.codec import Outcome, fingerprint
 from serving.idempotency.keys import IdempotencyKeys
 from serving.metering.record import UsageRecord
@@ -123,49 +124,6 @@ class _Call:
         self.status = _status(exc)
         if isinstance(exc, QuotaExceeded):
             self.quota_reason = exc.param or "quota"
-
-
-class _StreamPace:
-    """Time to first token and the gaps between streamed chunks, as the caller sees them."""
-
-    def __init__(self, metrics: Metrics, model: str, started: float) -> None:
-        self._first = metrics.time_to_first_token.labels(model)
-        self._gap = metrics.inter_token.labels(model)
-        self._last: float | None = None
-        self._started = started
-
-    def chunk(self) -> None:
-        now = time.perf_counter()
-        if self._last is None:
-            self._first.observe(now - self._started)
-        else:
-            self._gap.observe(now - self._last)
-        self._last = now
-
-
-class EventStream:
-    """An admitted generation stream: iterate it for ``TextDelta`` events and one final ``GenerateResult``, and
-    always ``aclose()`` it. Closing one that was never iterated still finishes (meters) its call."""
-
-    def __init__(self, events: AsyncIterator[StreamEvent], abandoned: Callable[[], Awaitable[None]]) -> None:
-        self._events = events
-        self._abandoned = abandoned
-        self._started = False
-
-    def __aiter__(self) -> EventStream:
-        return self
-
-    async def __anext__(self) -> StreamEvent:
-        self._started = True
-        return await anext(self._events)
-
-    async def aclose(self) -> None:
-        if not self._started:
-            self._started = True
-            await self._abandoned()
-        aclose = getattr(self._events, "aclose", None)
-        if aclose is not None:
-            await aclose()
 
 
 class Core:
@@ -257,7 +215,7 @@ class Core:
             if (replayed := await self._replay(call, ctx, req)) is not None:
                 final = _expect(replayed, GenerateResult)
                 await self._finish(call)
-                return EventStream(_replay_events(final), _nothing)
+                return EventStream(replay_events(final), nothing_to_settle)
             params = validation.sampling(req, self._limits)
             prompt = validation.prompt_ids(req, route.codec, route.spec, self._limits)
             # Reserve the most it can cost; settling refunds what it did not use.
@@ -283,7 +241,7 @@ class Core:
         # only over-bill by that one delta (the client may not have got it), never under-bill.
         sent_tokens = 0
         deadline = None if ctx.timeout_s is None else asyncio.get_running_loop().time() + ctx.timeout_s
-        pace = _StreamPace(self._metrics, call.model, call.started_perf)
+        pace = StreamPace(self._metrics, call.model, call.started_perf)
         try:
             # The Ray hop of a stream: from the call to the replica's engine until its last event.
             with self._tracing.stage("ray.generate", call.span):
@@ -519,17 +477,6 @@ def _expect(outcome: Outcome, kind: type[R]) -> R:
     if not isinstance(outcome, kind):
         raise TypeError(f"stored outcome {type(outcome).__name__} where {kind.__name__} was expected")
     return outcome
-
-
-async def _replay_events(final: GenerateResult) -> AsyncIterator[StreamEvent]:
-    """A finished stream, replayed: its whole text as one delta, then its final event."""
-    if final.text:
-        yield TextDelta(final.text, final.usage.output_tokens)
-    yield final
-
-
-async def _nothing() -> None:
-    """A replayed stream has nothing to settle when it is closed unread."""
 
 
 def _status(exc: BaseException) -> str:

@@ -21,7 +21,7 @@ from serving.domain import (
 )
 from serving.errors import InvalidInput
 from serving.gateway import http_schemas as schemas
-from serving.gateway.core import Core, EventStream
+from serving.gateway.core import Core
 from serving.gateway.http_common import (
     BodyLimit,
     HttpConfig,
@@ -35,6 +35,7 @@ from serving.gateway.http_common import (
     sse,
 )
 from serving.gateway.http_openai import openai_router
+from serving.gateway.stream import EventStream
 
 
 def usage_body(result: GenerateResult) -> schemas.UsageBody:

@@ -16,8 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import InvalidInput, PayloadTooLarge, RouteNotFound, ServingError, describe, public_message
 from serving.gateway import http_schemas as schemas
-from serving.gateway.core import CallContext, EventStream
+from serving.gateway.core import CallContext
 from serving.gateway.headers import response_pairs, retry_after
+from serving.gateway.stream import EventStream
 
 log = logging.getLogger("serving.http")
 

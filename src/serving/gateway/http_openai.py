@@ -18,8 +18,9 @@ from fastapi.responses import JSONResponse, Response
 from serving.domain import EmbedRequest, GenerateRequest, GenerateResult, TextDelta
 from serving.errors import InvalidInput
 from serving.gateway import http_schemas as schemas
-from serving.gateway.core import Core, EventStream
+from serving.gateway.core import Core
 from serving.gateway.http_common import HttpConfig, call_context, error_response, request_id_header, sse
+from serving.gateway.stream import EventStream
 
 
 def _chat_request(body: schemas.OpenAIChatBody, request: Request) -> GenerateRequest:

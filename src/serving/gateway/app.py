@@ -147,12 +147,13 @@ class Gateway:
         self.metrics.bind_ledger_backlog(lambda: self.ledger.backlog)
         self.authenticator = Authenticator(store, settings.auth_cache_ttl_s)
         self.idempotency = build_idempotency(settings)
+        self.admission = Admission(self.quota, specs, settings.admission, on_shed=self._count_shed)
         self.core = Core(
             self.authenticator,
             self.router,
             settings.limits,
             self.metrics,
-            Admission(self.quota, specs, settings.admission, on_shed=self._count_shed),
+            self.admission,
             self.ledger,
             functools.partial(usage_by_day, self.ledger.db),
             IdempotencyKeys(self.idempotency, self.ledger.seen),

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from serving.domain import Caller
 from serving.errors import Overloaded
 from serving.models.registry import ModelSpec
-from serving.quota.fairqueue import FairQueue
+from serving.quota.fairqueue import FairQueue, Grant
 from serving.quota.limiter import QuotaBackend, Reservation
 from serving.settings import Admission as AdmissionSettings
 
@@ -27,7 +27,11 @@ class Admission:
         self._settling: set[asyncio.Task[None]] = set()
         self.queues = {
             spec.id: FairQueue(
-                spec.id, spec.admission.max_concurrency, settings.max_queue_per_partner, settings.max_wait_s
+                spec.id,
+                spec.admission.max_concurrency,
+                settings.max_queue_per_partner,
+                settings.max_wait_s,
+                fair=settings.fair,
             )
             for spec in specs
         }
@@ -62,3 +66,7 @@ class Admission:
 
     def leave(self, model: str) -> None:
         self.queues[model].release()
+
+    def recent_grants(self, model: str) -> list[Grant]:
+        """The model's last admissions in order (partner, wait, others waiting): the fair queue's decisions."""
+        return self.queues[model].recent_grants()

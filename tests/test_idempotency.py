@@ -17,7 +17,7 @@ from conftest import REDIS_URL
 
 from serving.client import ApiError, AsyncClient, RetryPolicy
 from serving.domain import GenerateResult, TextDelta
-from serving.errors import Unavailable
+from serving.errors import Overloaded, Unavailable
 from serving.gateway.app import Gateway
 from serving.idempotency.keys import IdempotencyKeys
 from serving.idempotency.redis_store import RedisIdempotency
@@ -217,3 +217,30 @@ async def test_a_ledger_outage_while_claiming_gives_the_key_back() -> None:
     with pytest.raises(Unavailable):
         await IdempotencyKeys(store, unreachable).claim("p", "order-1", "body")
     assert await IdempotencyKeys(store, lambda _p, _k: False).claim("p", "order-1", "body") is None
+
+
+async def test_a_request_the_model_refused_costs_nothing_and_frees_its_key(
+    gateway: Gateway, settings: Settings, store: PartnerStore, http_base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model turned the request away before producing anything (at capacity): 503, no usage record, quota
+    refunded, and the retry with the same key runs (it is not a replay of the 503)."""
+    partner_id, key = _partner(store)
+    request_id = f"order-{uuid.uuid4().hex[:8]}"
+    route = gateway.router.routes["minilm-l6"]
+
+    async def at_capacity(_items: list[Any], _parent: object = None) -> list[Any]:
+        raise Overloaded("the model is at capacity; retry shortly", retry_after_s=1.0)
+
+    headers = {"authorization": f"Bearer {key}", "idempotency-key": request_id}
+    body = {"model": "minilm-l6", "texts": ["refused, then served"]}
+    async with httpx.AsyncClient(base_url=http_base, headers=headers) as http:
+        with monkeypatch.context() as patch:
+            patch.setattr(route, "infer", at_capacity)
+            refused = await http.post("/v1/embed", json=body)
+        await asyncio.to_thread(gateway.ledger.flush)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert _ledger_rows(settings, partner_id, request_id) == 0
+        served = await http.post("/v1/embed", json=body)
+    assert served.status_code == 200 and "idempotent-replayed" not in served.headers
+    await asyncio.to_thread(gateway.ledger.flush)
+    assert _ledger_rows(settings, partner_id, request_id) == 1

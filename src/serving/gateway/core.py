@@ -35,6 +35,7 @@ from serving.domain import (
 )
 from serving.errors import (
     DeadlineExceeded,
+    Overloaded,
     PermissionDenied,
     QuotaExceeded,
     ServingError,
@@ -404,6 +405,11 @@ class Core:
         finished_at = time.time()
         if call.entered:
             self._admission.leave(call.model)
+        if call.reservation is not None and _refused_by_model(call):
+            # The model turned it away before producing anything (at capacity, or its replica is gone): like a
+            # request the gateway shed, it costs nothing, leaves no record, and its idempotency key is free again.
+            self._admission.settle_soon(call.reservation, 0)
+            call.reservation = None
         if call.reservation is not None:
             assert call.caller is not None
             self._ledger.record(
@@ -477,6 +483,10 @@ def _expect(outcome: Outcome, kind: type[R]) -> R:
     if not isinstance(outcome, kind):
         raise TypeError(f"stored outcome {type(outcome).__name__} where {kind.__name__} was expected")
     return outcome
+
+
+def _refused_by_model(call: _Call) -> bool:
+    return isinstance(call.error, Overloaded | Unavailable) and call.result is None and not call.usage.output_tokens
 
 
 def _status(exc: BaseException) -> str:

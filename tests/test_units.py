@@ -10,6 +10,8 @@ import pytest
 
 from serving.errors import ERROR_TABLE, INTERNAL, InvalidInput, QuotaExceeded, Unavailable, describe
 from serving.gateway.microbatch import MicroBatcher
+from serving.metering.journal import Journal
+from serving.metering.record import UsageRecord
 from serving.partners.auth import Authenticator
 from serving.partners.keys import new_key, parse_key
 from serving.partners.store import KeyOwner, Partner, PartnerStore, StoredKey
@@ -184,3 +186,15 @@ async def test_microbatch_flushes_on_size_and_on_deadline() -> None:
     release.set()  # the first batch returns: the three accumulated requests leave together
     assert [await t for t in (first, *queued)] == [[10], [20], [30], [40]]
     assert calls == [[1], [2, 3, 4]]
+
+
+def test_a_record_after_the_journal_closed_is_kept_for_the_next_start(tmp_path: Path) -> None:
+    """A call cut off at shutdown may finish after the ledger closed: its record lands in a segment of its own,
+    which the next process replays (it is never written to a closed file or lost)."""
+    record = UsageRecord("late-1", "p_1", "k", "minilm-l6", "embed", 3, 0, "cancelled", 0.0, 1.0, 10.0, 11.0)
+    journal = Journal(tmp_path)
+    journal.close(all_stored=True)
+    journal.append(record)
+    journal.close(all_stored=False)
+    replayed = [r for path in Journal(tmp_path).pending_segments() for r in Journal.read(path)]
+    assert replayed == [record]

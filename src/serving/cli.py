@@ -91,7 +91,18 @@ Ctrl-C stops everything.
 """
 
 
-async def _start_billing(settings: Settings, ops_port: int) -> tuple[asyncio.subprocess.Process | None, str]:
+_BILLING_STOP_S = 60.0  # its exit scrape retries a target a few times; past this it is killed
+
+
+async def _drain_pipe(pipe: asyncio.StreamReader) -> None:
+    while line := await pipe.readline():
+        sys.stdout.buffer.write(line)
+    sys.stdout.flush()
+
+
+async def _start_billing(
+    settings: Settings, ops_port: int, readers: set[asyncio.Task[None]]
+) -> tuple[asyncio.subprocess.Process | None, str]:
     """``serving run`` starts the usage-billing service (services/billing) beside the gateway: it scrapes the
     gateway's ops listener (/metrics) and reads the ledger; its API takes the same admin token. ``BILLING_*``
     variables in the environment take precedence."""
@@ -111,6 +122,8 @@ async def _start_billing(settings: Settings, ops_port: int) -> tuple[asyncio.sub
     assert process.stdout is not None
     while line := await process.stdout.readline():  # billing's own readiness line
         if line.startswith(b"READY "):
+            # Keep reading what it prints after (an unread pipe would block it once full).
+            readers.add(asyncio.create_task(_drain_pipe(process.stdout)))
             return process, str(json.loads(line[6:])["url"])
     log.warning("the billing service did not start (exit code %s); the gateway runs without it", await process.wait())
     return None, ""
@@ -128,7 +141,8 @@ async def _serve_until_signal(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    billing, billing_url = await _start_billing(settings, gateway.ops_port) if key is not None else (None, "")
+    readers: set[asyncio.Task[None]] = set()  # billing's stdout, read on
+    billing, billing_url = (None, "") if key is None else await _start_billing(settings, gateway.ops_port, readers)
     if key is not None:
         print(_banner(settings, gateway, key), flush=True)
     if billing_url:
@@ -145,7 +159,13 @@ async def _serve_until_signal(
     # Billing scrapes the final counters on its way out (SIGTERM), while the ops listener is still up.
     with contextlib.suppress(ProcessLookupError):  # Ctrl-C reached its process group too: it is stopping already
         billing.terminate()
-    await billing.wait()
+    try:
+        async with asyncio.timeout(_BILLING_STOP_S):
+            await billing.wait()
+    except TimeoutError:
+        log.warning("the billing service did not stop within %.0f s; killing it", _BILLING_STOP_S)
+        billing.kill()
+        await billing.wait()
     await gateway.close(final_scrape_wait_s=0)
 
 

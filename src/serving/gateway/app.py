@@ -272,9 +272,12 @@ class Gateway:
         if self._grpc_server is not None:
             closing.append(self._grpc_server.stop(remaining))
         if self._http is not None:
+            self._http[0].config.timeout_graceful_shutdown = max(1, int(remaining))  # the rest of the one grace
             self._http[0].should_exit = True
             closing.append(self._http[1])
         await asyncio.gather(*closing, return_exceptions=True)
+        # Calls cut off with their connections finish (and are metered) before the ledger closes.
+        await self.core.wait_idle(1.0)
         await self.core.drain()
         # Every request has finished: flush the ledger before the process may exit.
         await asyncio.to_thread(self.ledger.close)

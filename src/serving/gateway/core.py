@@ -108,6 +108,7 @@ class _Call:
     claimed: bool = False  # this call holds its idempotency key
     result: Outcome | None = None
     error: BaseException | None = None
+    delivered: bool = False  # a stream handed text to the front door
     reservation: Reservation | None = None
     queued: bool = False
     entered: bool = False
@@ -151,6 +152,7 @@ class Core:
         self._keys = keys
         self._active = 0  # calls begun and not yet finished
         self._idle = asyncio.Event()
+        self._storing: set[asyncio.Task[None]] = set()  # idempotency outcomes being stored
         self.draining = False
 
     # --- the operations -------------------------------------------------------------------------------
@@ -261,6 +263,7 @@ class Core:
                         if event.text:
                             pace.chunk()
                             sent_tokens = event.tokens
+                            call.delivered = True
                             yield TextDelta(event.text, event.tokens)
         except BaseException as exc:
             if call.finished:  # the final event was delivered; closing the stream afterwards changes nothing
@@ -378,7 +381,7 @@ class Core:
         try:
             await self._admission.enter(call.model, caller)
         except BaseException:
-            await self._admission.settle(reservation, 0)
+            self._admission.settle_soon(reservation, 0)  # not awaited: a cancel must not leak the reservation
             raise
         call.entered = True
         call.reservation = reservation
@@ -392,16 +395,17 @@ class Core:
             raise DeadlineExceeded("the request exceeded its deadline") from exc
 
     async def drain(self) -> None:
+        """Waits for background settlements and idempotency outcomes still being stored (at shutdown)."""
+        await asyncio.gather(*self._storing, return_exceptions=True)
         await self._admission.drain()
 
     async def _finish(self, call: _Call) -> None:
-        """Settle quota, free the model slot, record usage, observe metrics: once per request."""
+        """Settle quota, free the model slot, record usage, observe metrics: once per request. Every step that
+        accounts for the request is synchronous and comes first, so a cancel that lands in the one await (storing
+        an idempotency key's outcome, shielded) cannot leave the ledger and the counters apart."""
         if call.finished:
             return
         call.finished = True
-        self._active -= 1
-        if self.draining and not self._active:
-            self._idle.set()
         finished_at = time.time()
         if call.entered:
             self._admission.leave(call.model)
@@ -429,13 +433,6 @@ class Core:
                 )
             )
             self._admission.settle_soon(call.reservation, call.usage.input_tokens + call.usage.output_tokens)
-        if call.claimed:
-            assert call.caller is not None
-            admitted = call.reservation is not None
-            await self._keys.settle(
-                call.caller.partner_id, call.request_id, call.fingerprint, admitted, call.result, call.error,
-                call.usage.output_tokens,
-            )  # fmt: skip
         self._observe(call, finished_at - call.started)
         access_log.write(
             access,
@@ -454,6 +451,30 @@ class Core:
         )
         partner = call.caller.partner_id if call.caller is not None else None
         self._tracing.end_request(call.span, call.status, partner, call.request_id)
+        storing = self._store_outcome(call) if call.claimed else None
+        self._active -= 1
+        if self.draining and not self._active:
+            self._idle.set()
+        if storing is not None:
+            await asyncio.shield(storing)  # a cancel here leaves the write running; drain() waits for it
+
+    def _store_outcome(self, call: _Call) -> asyncio.Task[None]:
+        assert call.caller is not None
+        admitted = call.reservation is not None
+        task = asyncio.get_running_loop().create_task(
+            self._keys.settle(
+                call.caller.partner_id,
+                call.request_id,
+                call.fingerprint,
+                admitted,
+                call.result,
+                call.error,
+                call.usage.output_tokens,
+            )
+        )
+        self._storing.add(task)
+        task.add_done_callback(self._storing.discard)
+        return task
 
     def _observe(self, call: _Call, elapsed: float) -> None:
         metrics = self._metrics
@@ -486,7 +507,7 @@ def _expect(outcome: Outcome, kind: type[R]) -> R:
 
 
 def _refused_by_model(call: _Call) -> bool:
-    return isinstance(call.error, Overloaded | Unavailable) and call.result is None and not call.usage.output_tokens
+    return isinstance(call.error, Overloaded | Unavailable) and call.result is None and not call.delivered
 
 
 def _status(exc: BaseException) -> str:

@@ -8,7 +8,7 @@ Handlers are wired by hand (not the generated ``add_*_to_server``) so that a bod
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,7 +148,9 @@ class GrpcFrontDoor:
         )
 
     def _generate_stream(self) -> grpc.RpcMethodHandler:
-        async def handle(request: Message | _Malformed, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+        # A coroutine that writes (not an async generator): a cancel lands in ``context.write`` and closes the
+        # stream at once (grpc never closes a generator handler it stops iterating; only the GC would).
+        async def handle(request: Message | _Malformed, context: grpc.aio.ServicerContext) -> None:
             ctx = _context(context, self._max_timeout_s)
             try:
                 if isinstance(request, _Malformed):
@@ -158,7 +160,7 @@ class GrpcFrontDoor:
                 async with contextlib.aclosing(stream):
                     await context.send_initial_metadata(response_pairs(ctx.meta))
                     async for event in stream:
-                        yield convert.stream_event(event)
+                        await context.write(convert.stream_event(event))
             except Exception as exc:
                 await context.abort_with_status(rich_status(exc, ctx.meta))
 

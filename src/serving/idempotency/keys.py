@@ -5,7 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from serving.errors import AlreadyExists, Cancelled, IdempotencyKeyReused, RequestInProgress, ServingError
+from serving.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    IdempotencyKeyReused,
+    RequestInProgress,
+    ServingError,
+)
 from serving.idempotency.codec import Outcome, decode, encode
 from serving.idempotency.store import IdempotencyStore
 
@@ -66,8 +73,16 @@ class IdempotencyKeys:
         outcome: Outcome
         if result is not None and error is None:
             outcome = result
-        elif isinstance(error, ServingError):
+        elif isinstance(error, DeadlineExceeded | Cancelled):
             outcome = error
+        elif isinstance(error, ServingError):
+            # A retryable error (UNAVAILABLE after some output) must not be replayed as retryable: the request ran
+            # and was billed, so its key is spent.
+            outcome = AlreadyExists(
+                f"the request with idempotency key {key!r} ran, was billed for {output_tokens} output tokens and then"
+                f" failed ({error.message}); send a new key to run it again",
+                param="request_id",
+            )
         elif isinstance(error, asyncio.CancelledError | GeneratorExit):
             outcome = Cancelled(
                 f"the request with idempotency key {key!r} was cancelled by its client after {output_tokens} output"

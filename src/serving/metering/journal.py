@@ -30,6 +30,7 @@ class Journal:
         existing = [int(p.stem) for p in directory.glob("*.jsonl") if p.stem.isdigit()]
         self._segment = max(existing, default=0) + 1
         self._fd = self._open(self._segment)
+        self._closed = False
 
     def _path(self, segment: int) -> Path:
         return self.directory / f"{segment:012d}.jsonl"
@@ -55,6 +56,10 @@ class Journal:
         """Writes the record durably (against process death); returns its segment for ``stored()``."""
         data = (record.to_json() + "\n").encode()
         with self._lock:
+            if self._closed:  # a straggler after the ledger closed: a segment of its own, replayed at next start
+                self._closed = False
+                self._segment += 1
+                self._fd = self._open(self._segment)
             os.write(self._fd, data)
             if self.fsync:
                 os.fsync(self._fd)
@@ -78,6 +83,7 @@ class Journal:
 
     def close(self, all_stored: bool) -> None:
         with self._lock:
+            self._closed = True
             os.close(self._fd)
             if all_stored:
                 for segment in list(self._appended):

@@ -94,6 +94,9 @@ class Scraper:
         self._targets_file = targets_file
         self._retry = retry
         self._last = store.last_samples()
+        self._last_ts: dict[str, float] = {}  # per target (source), the newest sample timestamp stored
+        for key, sample in self._last.items():
+            self._last_ts[key[0]] = max(self._last_ts.get(key[0], 0.0), sample.ts)
         self._lock = threading.Lock()
 
     def targets(self) -> list[Target]:
@@ -108,6 +111,10 @@ class Scraper:
         fetched = time.time()
         final = _FINAL_AT.search(response.text)
         at = min(fetched, float(final.group(1))) if final and float(final.group(1)) > 0 else fetched
+        # Never before (or at) a sample already stored for this target: samples stay in time order (a drop would
+        # read as a counter reset) and two scrapes after one drain keep distinct timestamps.
+        at = max(at, self._last_ts.get(target.source, 0.0) + 0.001)
+        self._last_ts[target.source] = at
         return parse_exposition(response.text, target.source, at), fetched
 
     def scrape_target(self, target: Target) -> bool:

@@ -147,6 +147,7 @@ class Gateway:
         self.metrics.bind_ledger_backlog(lambda: self.ledger.backlog)
         self.authenticator = Authenticator(store, settings.auth_cache_ttl_s)
         self.idempotency = build_idempotency(settings)
+        self.keys = IdempotencyKeys(self.idempotency, self.ledger.seen)
         self.admission = Admission(self.quota, specs, settings.admission, on_shed=self._count_shed)
         self.core = Core(
             self.authenticator,
@@ -156,7 +157,7 @@ class Gateway:
             self.admission,
             self.ledger,
             functools.partial(usage_by_day, self.ledger.db),
-            IdempotencyKeys(self.idempotency, self.ledger.seen),
+            self.keys,
             self.tracing,
         )
         self.app_names = {spec.id: f"{settings.serve_app_name}-{spec.id}" for spec in specs}
@@ -303,6 +304,7 @@ class Gateway:
         self.ledger.db.close()
         self.authenticator.close()
         await self.quota.close()
+        self.keys.close()
         await self.idempotency.close()
         await asyncio.to_thread(self.tracing.shutdown)  # flushes spans still queued for export
 

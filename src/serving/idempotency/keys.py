@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from serving.errors import (
     AlreadyExists,
@@ -21,6 +22,8 @@ class IdempotencyKeys:
     def __init__(self, store: IdempotencyStore, seen: Callable[[str, str], bool]) -> None:
         self.store = store
         self._seen = seen  # whether the ledger already holds a record with this id (blocking: run in a thread)
+        # Its own threads: admin and usage queries on the loop's default pool cannot hold keyed requests up.
+        self._lookups = ThreadPoolExecutor(max_workers=2, thread_name_prefix="idempotency-ledger")
 
     async def claim(self, partner_id: str, key: str, fingerprint: str) -> Outcome | None:
         """None: this request holds the key and runs. Otherwise the stored outcome to replay (an error outcome is
@@ -43,7 +46,7 @@ class IdempotencyKeys:
             return decode(claim.outcome, key)
         # A new claim, unless the ledger holds the id already (the stored outcome expired or the store was reset).
         try:
-            seen = await asyncio.to_thread(self._seen, partner_id, key)
+            seen = await asyncio.get_running_loop().run_in_executor(self._lookups, self._seen, partner_id, key)
         except BaseException:  # the ledger is unreachable (503): give the claim back so a retry can run
             await self.store.release(partner_id, key, fingerprint)
             raise
@@ -55,6 +58,9 @@ class IdempotencyKeys:
                 param="request_id",
             )
         return None
+
+    def close(self) -> None:
+        self._lookups.shutdown(wait=False, cancel_futures=True)
 
     async def settle(
         self,

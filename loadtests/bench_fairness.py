@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any
 
 from benchlib.common import APP_PREFIX, CACHE_DIR, EMBED_MODEL, RAY_ENV, SENTENCES, fmt, percentile
 from benchlib.report import machine
-from benchlib.stack import open_store, partner_key, stop_stack
+from benchlib.stack import init_local_ray, open_store, partner_key, stop_stack
 
 # --- client subprocesses -------------------------------------------------------------------------------------
 
@@ -209,7 +208,6 @@ async def measure(stack: dict[str, Any], args: argparse.Namespace) -> tuple[floa
 
 
 def start(tmp: Path, capacity: int) -> dict[str, Any]:
-    import ray
     from ray import serve
 
     from serving.models.deployment import deploy_models
@@ -222,14 +220,7 @@ def start(tmp: Path, capacity: int) -> dict[str, Any]:
     settings = Settings(
         data_dir=tmp, model_cache_dir=CACHE_DIR, grpc_port=0, http_port=0, ops_port=0, shutdown_grace_s=1.0
     ).validate()
-    # address="local": never attach to another Ray instance running on this machine.
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        runtime_env={"env_vars": RAY_ENV},
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
+    init_local_ray()
     serve.start(proxy_location="Disabled")  # the gateway calls the model through its handle; no HTTP proxy
     handles = deploy_models([spec], CACHE_DIR, APP_PREFIX)
     store = open_store(tmp / "serving.db")

@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from test_fairqueue import max_run_while_other_waits
 
 if TYPE_CHECKING:
     from serving.models.registry import ModelSpec
@@ -101,15 +102,6 @@ async def _read_until(process: asyncio.subprocess.Process, prefix: str) -> str:
 
 
 # --- what the record shows --------------------------------------------------------------------------------
-
-
-def max_run_while_other_waits(grants: list[Grant], partner: str) -> int:
-    """The most grants in a row that went to others while ``partner`` had a request waiting (two partners)."""
-    longest = run = 0
-    for grant in grants:
-        run = run + 1 if grant.partner != partner and grant.others_waiting > 0 else 0
-        longest = max(longest, run)
-    return longest
 
 
 def _window(grants: list[Grant], partner: str) -> list[Grant]:

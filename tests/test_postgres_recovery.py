@@ -316,10 +316,7 @@ async def test_store_ledger_auth_and_billing_recover_after_a_server_restart(
             ledger.record(_usage(f"during-outage-{i}", partner.id))
         with pytest.raises(DatabaseUnavailable):
             await asyncio.to_thread(billing.needing_review)
-        for _ in range(int(BOUND * 20)):  # bounded: until the writer has met the outage
-            if ledger.outages:
-                break
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(ledger.in_outage.wait, BOUND)  # until the writer has met the outage
         assert ledger.outages == 1
     finally:
         await asyncio.to_thread(private_server.start)
@@ -413,10 +410,7 @@ async def test_gateway_under_load_survives_terminated_backends_and_an_outage(
             await asyncio.to_thread(allow_connections, pg_url, False)  # phase 2: the database is away
             try:
                 await asyncio.wait_for(reached(before_outage + per_phase), BOUND)
-                for _ in range(int(BOUND * 20)):  # bounded: until the writer has met the outage
-                    if gw.ledger.outages:
-                        break
-                    await asyncio.sleep(0.05)
+                await asyncio.to_thread(gw.ledger.in_outage.wait, BOUND)  # until the writer has met the outage
                 during_outage = len(acknowledged) - before_outage
             finally:
                 await asyncio.to_thread(allow_connections, pg_url, True)

@@ -85,8 +85,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_stack(tmp: Path, hardware: Hardware) -> Stack:
+def init_local_ray() -> None:
+    """A Ray instance of the benchmark's own (``address="local"``: never one already running on this machine)."""
     import ray
+
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        runtime_env={"env_vars": RAY_ENV},
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+
+
+def start_stack(tmp: Path, hardware: Hardware) -> Stack:
 
     from serving.models.deployment import deploy_models
     from serving.models.registry import load_registry
@@ -105,14 +117,7 @@ def start_stack(tmp: Path, hardware: Hardware) -> Stack:
     ).validate()
     specs = load_registry(registry)
     model_dir = resolve_model_dir(specs[0], CACHE_DIR)
-    # address="local": never attach to another Ray instance running on this machine.
-    ray.init(
-        address="local",
-        include_dashboard=False,
-        runtime_env={"env_vars": RAY_ENV},
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
+    init_local_ray()
     # Serve's HTTP proxy on the head node serves only the plain-Serve HTTP rows; the gateway uses handles.
     http_port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})

@@ -17,8 +17,6 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
-from opentelemetry.trace import Span
-
 from serving.domain import (
     Caller,
     ClassifyRequest,
@@ -35,17 +33,16 @@ from serving.domain import (
 )
 from serving.errors import (
     DeadlineExceeded,
-    Overloaded,
     PermissionDenied,
     QuotaExceeded,
     ServingError,
     Unavailable,
-    describe,
 )
 from serving.gateway import validation
+from serving.gateway.call import Call
 from serving.gateway.router import ModelRoute, Router
 from serving.gateway.stream import EventStream, StreamPace, nothing_to_settle, replay_events
-from serving.idempotency.codec import Outcome, fingerprint
+from serving.idempotency.codec import Outcome, expect_outcome, fingerprint
 from serving.idempotency.keys import IdempotencyKeys
 from serving.metering.record import UsageRecord
 from serving.metering.usage import UsageReport, UsageRow
@@ -55,10 +52,9 @@ from serving.observability.metrics import Metrics
 from serving.observability.tracing import Tracing
 from serving.partners.auth import Authenticator
 from serving.quota.admission import Admission
-from serving.quota.limiter import RateLimits, Reservation
+from serving.quota.limiter import RateLimits
 from serving.settings import Limits
 
-log = logging.getLogger("serving.gateway")
 access = logging.getLogger(access_log.ACCESS_LOGGER)
 T = TypeVar("T")
 
@@ -91,41 +87,6 @@ class CallContext:
     correlation_id: str | None = None  # the caller's x-request-id: logged, never an idempotency key
     traceparent: str | None = None  # W3C trace context sent by the partner, continued by the request span
     tracestate: str | None = None
-
-
-@dataclass
-class _Call:
-    """One request's bookkeeping; finished exactly once."""
-
-    operation: str
-    model: str
-    started: float = field(default_factory=time.time)
-    started_perf: float = field(default_factory=time.perf_counter)
-    caller: Caller | None = None
-    request_id: str = ""
-    client_request_id: bool = False  # the id is the caller's idempotency key
-    fingerprint: str = ""
-    claimed: bool = False  # this call holds its idempotency key
-    result: Outcome | None = None
-    error: BaseException | None = None
-    delivered: bool = False  # a stream handed text to the front door
-    reservation: Reservation | None = None
-    queued: bool = False
-    entered: bool = False
-    queue_s: float = 0.0
-    usage: Usage = field(default_factory=Usage)
-    status: str = "ok"
-    quota_reason: str = ""
-    peer: str | None = None
-    correlation_id: str | None = None
-    span: Span | None = None
-    finished: bool = False
-
-    def fail(self, exc: BaseException) -> None:
-        self.error = exc
-        self.status = _status(exc)
-        if isinstance(exc, QuotaExceeded):
-            self.quota_reason = exc.param or "quota"
 
 
 class Core:
@@ -162,7 +123,7 @@ class Core:
         try:
             route = await self._prepare(call, ctx, req.request_id, Task.EMBED)
             if (replayed := await self._replay(call, ctx, req)) is not None:
-                return _expect(replayed, EmbedResult)
+                return expect_outcome(replayed, EmbedResult)
             tokens = validation.texts(req.texts, self._limits, route.codec, route.spec)
             await self._admit(call, ctx, tokens)
             vectors = await self._bounded(route.infer(list(req.texts), call.span), ctx)
@@ -180,7 +141,7 @@ class Core:
         try:
             route = await self._prepare(call, ctx, req.request_id, Task.CLASSIFY)
             if (replayed := await self._replay(call, ctx, req)) is not None:
-                return _expect(replayed, ClassifyResult)
+                return expect_outcome(replayed, ClassifyResult)
             tokens = validation.texts(req.texts, self._limits, route.codec, route.spec)
             labels = validation.labels(req.labels, route.spec, self._limits)
             await self._admit(call, ctx, tokens)
@@ -216,7 +177,7 @@ class Core:
         try:
             route = await self._prepare(call, ctx, req.request_id, Task.GENERATE)
             if (replayed := await self._replay(call, ctx, req)) is not None:
-                final = _expect(replayed, GenerateResult)
+                final = expect_outcome(replayed, GenerateResult)
                 await self._finish(call)
                 return EventStream(replay_events(final), nothing_to_settle)
             params = validation.sampling(req, self._limits)
@@ -230,14 +191,14 @@ class Core:
         item = GenerateItem(prompt_ids=prompt, params=params)
         return EventStream(self._stream(call, ctx, route, item), functools.partial(self._abandoned, call, item))
 
-    async def _abandoned(self, call: _Call, item: GenerateItem) -> None:
+    async def _abandoned(self, call: Call, item: GenerateItem) -> None:
         """A stream closed before its first event was asked for (the client left before the body started)."""
         call.status = "cancelled"
         call.usage = Usage(len(item.prompt_ids), 0)
         await self._finish(call)
 
     async def _stream(
-        self, call: _Call, ctx: CallContext, route: ModelRoute, item: GenerateItem
+        self, call: Call, ctx: CallContext, route: ModelRoute, item: GenerateItem
     ) -> AsyncIterator[StreamEvent]:
         # Output tokens whose text was handed to the front door: what a stream that stops now is billed. A delta
         # counts from the moment it is handed over, so a cancel that lands while the transport sends it can
@@ -308,11 +269,11 @@ class Core:
 
     # --- shared steps ---------------------------------------------------------------------------------
 
-    def _begin(self, operation: str, model: str) -> _Call:
+    def _begin(self, operation: str, model: str) -> Call:
         self._metrics.in_flight.labels(operation).inc()
         self._active += 1
         self._idle.clear()
-        return _Call(operation, model)
+        return Call(operation, model)
 
     def start_draining(self) -> None:
         """A graceful stop: new inference calls get UNAVAILABLE (retry elsewhere); calls in flight go on."""
@@ -329,7 +290,7 @@ class Core:
             return False
         return True
 
-    async def _prepare(self, call: _Call, ctx: CallContext, request_id: str, task: Task) -> ModelRoute:
+    async def _prepare(self, call: Call, ctx: CallContext, request_id: str, task: Task) -> ModelRoute:
         call.peer = ctx.peer
         call.correlation_id = ctx.correlation_id
         if self.draining:
@@ -344,7 +305,7 @@ class Core:
             call.client_request_id = bool(request_id)
             return route
 
-    async def _replay(self, call: _Call, ctx: CallContext, request: object) -> Outcome | None:
+    async def _replay(self, call: Call, ctx: CallContext, request: object) -> Outcome | None:
         """With an idempotency key: claims it (None: run the request), or returns the outcome stored for it (an
         error outcome is raised), or raises why it cannot run now."""
         if not call.client_request_id:
@@ -361,11 +322,11 @@ class Core:
         call.status = "replayed"
         return outcome
 
-    async def _admit(self, call: _Call, ctx: CallContext, tokens: int) -> None:
+    async def _admit(self, call: Call, ctx: CallContext, tokens: int) -> None:
         with self._tracing.stage("admit", call.span):
             await self._admit_steps(call, ctx, tokens)
 
-    async def _admit_steps(self, call: _Call, ctx: CallContext, tokens: int) -> None:
+    async def _admit_steps(self, call: Call, ctx: CallContext, tokens: int) -> None:
         """Reserves quota and waits for a model slot. Only a request that gets through both is admitted
         (metered); any other leaves no trace, so a retry can reuse its idempotency key."""
         caller = call.caller
@@ -399,7 +360,7 @@ class Core:
         await asyncio.gather(*self._storing, return_exceptions=True)
         await self._admission.drain()
 
-    async def _finish(self, call: _Call) -> None:
+    async def _finish(self, call: Call) -> None:
         """Settle quota, free the model slot, record usage, observe metrics: once per request. Every step that
         accounts for the request is synchronous and comes first, so a cancel that lands in the one await (storing
         an idempotency key's outcome, shielded) cannot leave the ledger and the counters apart."""
@@ -409,7 +370,7 @@ class Core:
         finished_at = time.time()
         if call.entered:
             self._admission.leave(call.model)
-        if call.reservation is not None and _refused_by_model(call):
+        if call.reservation is not None and call.refused_by_model():
             # The model turned it away before producing anything (at capacity, or its replica is gone): like a
             # request the gateway shed, it costs nothing, leaves no record, and its idempotency key is free again.
             self._admission.settle_soon(call.reservation, 0)
@@ -458,7 +419,7 @@ class Core:
         if storing is not None:
             await asyncio.shield(storing)  # a cancel here leaves the write running; drain() waits for it
 
-    def _store_outcome(self, call: _Call) -> asyncio.Task[None]:
+    def _store_outcome(self, call: Call) -> asyncio.Task[None]:
         assert call.caller is not None
         admitted = call.reservation is not None
         task = asyncio.get_running_loop().create_task(
@@ -476,7 +437,7 @@ class Core:
         task.add_done_callback(self._storing.discard)
         return task
 
-    def _observe(self, call: _Call, elapsed: float) -> None:
+    def _observe(self, call: Call, elapsed: float) -> None:
         metrics = self._metrics
         metrics.in_flight.labels(call.operation).dec()
         # The model label is whatever the client sent: names outside the registry share one series.
@@ -494,27 +455,3 @@ class Core:
                 metrics.generated_tokens.labels(call.model).inc(call.usage.output_tokens)
         if call.quota_reason:
             metrics.quota_rejections.labels(model, call.quota_reason).inc()
-
-
-R = TypeVar("R", EmbedResult, ClassifyResult, GenerateResult)
-
-
-def _expect(outcome: Outcome, kind: type[R]) -> R:
-    """A replayed outcome of the operation's own result type (the fingerprint covers the operation)."""
-    if not isinstance(outcome, kind):
-        raise TypeError(f"stored outcome {type(outcome).__name__} where {kind.__name__} was expected")
-    return outcome
-
-
-def _refused_by_model(call: _Call) -> bool:
-    return isinstance(call.error, Overloaded | Unavailable) and call.result is None and not call.delivered
-
-
-def _status(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return "cancelled"
-    if isinstance(exc, TimeoutError):
-        return "deadline_exceeded"
-    if not isinstance(exc, ServingError):
-        log.exception("unexpected error", exc_info=exc)
-    return describe(exc).grpc_code.lower()

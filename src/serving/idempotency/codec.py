@@ -7,7 +7,7 @@ import base64
 import hashlib
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -73,3 +73,13 @@ def decode(data: bytes, key: str) -> Outcome:
         return ClassifyResult(model, results, usage, request_id)
     reason = FinishReason(body["finish_reason"])
     return GenerateResult(model, body["generate"], reason, usage, request_id, int(body["created"]))
+
+
+R = TypeVar("R", EmbedResult, ClassifyResult, GenerateResult)
+
+
+def expect_outcome(outcome: Outcome, kind: type[R]) -> R:
+    """A replayed outcome of the operation's own result type (the fingerprint covers the operation)."""
+    if not isinstance(outcome, kind):
+        raise TypeError(f"stored outcome {type(outcome).__name__} where {kind.__name__} was expected")
+    return outcome

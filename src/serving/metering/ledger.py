@@ -48,6 +48,7 @@ class Ledger:
         self._stopping = False
         self.written = 0
         self.outages = 0  # spells of failing writes so far (each logged once, when it starts and when it ends)
+        self.in_outage = threading.Event()  # set while writes fail (waitable: the writer met the outage)
         self.replayed = self._replay()
         self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
         self._thread.start()
@@ -108,6 +109,7 @@ class Ledger:
                 if failing_since is None:  # one line per outage, not one per retry
                     failing_since = time.monotonic()
                     self.outages += 1
+                    self.in_outage.set()
                     unreachable = isinstance(exc, DatabaseUnavailable)
                     log.error(
                         "ledger write failed (%s); the journal keeps %d records, retrying every 1 s",
@@ -119,6 +121,7 @@ class Ledger:
                     log.debug("ledger write failed again: %s", exc)
                 time.sleep(1.0)
         if failing_since is not None:
+            self.in_outage.clear()
             log.warning("ledger writes resumed after %.1f s", time.monotonic() - failing_since)
         self.written += len(batch)
         self.journal.stored([segment for segment, _ in batch])

@@ -87,14 +87,24 @@ async def test_sigterm_right_after_the_last_response_loses_no_usage(
         received["input_tokens"] += final.usage.input_tokens
         received["output_tokens"] += final.usage.output_tokens
         received["requests"] += 1
-    end = math.ceil(time.time())  # periods have whole seconds
     gateway.send_signal(signal.SIGTERM)  # right after the last response, long before billing's next scrape
 
-    async def draining_past_the_period_end() -> bool:  # each poll is a real round trip to the stopping gateway
+    async def readiness() -> str:  # each poll is a real round trip to the stopping gateway
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['ops_port']}") as ops:
-            return (await ops.get("/readyz")).json()["status"] == "draining" and time.time() > end
+            return str((await ops.get("/readyz")).json()["status"])
 
-    await wait_until(draining_past_the_period_end, 30, "the gateway to drain")
+    async def drained() -> bool:
+        return await readiness() == "drained"
+
+    await wait_until(drained, 30, "the gateway to drain")
+    # The period ends after the drain (its counters are final) but before billing's exit scrape reads them: only
+    # the drained timestamp the gateway exports can date that scrape's samples inside the period.
+    end = math.ceil(time.time())  # periods have whole seconds
+
+    async def past_the_period_end() -> bool:
+        return await readiness() == "drained" and time.time() > end
+
+    await wait_until(past_the_period_end, 30, "the period's end")
     billing.send_signal(signal.SIGTERM)  # billing's exit scrape reads the drained gateway's final counters
     assert await billing.wait() == 0
     assert await gateway.wait() == 0

@@ -65,14 +65,18 @@ def build_routes(specs: list[ModelSpec], handles: dict[str, Any], cache_dir: Pat
 
 @dataclass
 class _Readiness:
-    """ "ready", "loading" (a model application is not RUNNING yet) or "draining" (a graceful stop began)."""
+    """ "ready", "loading" (a model application is not RUNNING yet), "draining" (a graceful stop began) or
+    "drained" (every request finished and was stored; the ops listener waits for billing's last scrape)."""
 
     app_names: list[str]
     checked_at: float = -1e9
     ready: bool = False
     stopping: bool = False
+    drained: bool = False
 
     def __call__(self) -> str:
+        if self.drained:
+            return "drained"
         if self.stopping:
             return "draining"
         now = time.monotonic()
@@ -205,7 +209,7 @@ class Gateway:
         assert self._health is not None
         while not self.readiness.stopping:
             state = await asyncio.to_thread(self.readiness)
-            if state != "draining":
+            if state not in ("draining", "drained"):
                 await self._health.models_ready(state == "ready")
             await asyncio.sleep(_READY_CACHE_S / 2)
 
@@ -283,7 +287,7 @@ class Gateway:
         # Every request has finished: flush the ledger before the process may exit.
         await asyncio.to_thread(self.ledger.close)
         self.metrics.drained_at.set(time.time())
-        self._drained = True
+        self._drained = self.readiness.drained = True
 
     async def close(self, final_scrape_wait_s: float | None = None) -> None:
         """The second half: waits (bounded) for one more scrape of the final counters when this gateway has been

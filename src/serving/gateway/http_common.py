@@ -22,7 +22,8 @@ from serving.gateway.stream import EventStream
 
 log = logging.getLogger("serving.http")
 
-# What readiness reports: "ready", or why not ("loading" while models start, "draining" on a graceful stop).
+# What readiness reports: "ready", or why not ("loading" while models start, "draining" on a graceful stop,
+# "drained" once every request of that stop finished and was stored).
 ReadyCheck = Callable[[], str]
 
 

@@ -48,6 +48,7 @@ from serving.quota.memory import MemoryQuota
 from serving.quota.redis_quota import RedisQuota
 from serving.settings import Settings
 from serving.storage.database import Database
+from serving.storage.redis_batch import RedisBatch
 
 log = logging.getLogger("serving.gateway")
 
@@ -104,23 +105,27 @@ def _longest_request_s(settings: Settings) -> float:
     return settings.admission.max_wait_s + settings.http_timeout_s + settings.shutdown_grace_s
 
 
-def build_idempotency(settings: Settings) -> IdempotencyStore:
+def build_redis(settings: Settings) -> RedisBatch | None:
+    """The one Redis client of a gateway whose replicas share state: quota and idempotency operations made in the
+    same event-loop turn share its round trip."""
+    return None if settings.redis_url is None else RedisBatch(settings.redis_url, timeout_s=settings.redis_timeout_s)
+
+
+def build_idempotency(settings: Settings, redis: RedisBatch | None) -> IdempotencyStore:
     """In-process for one replica; Redis (shared, like the quota) when replicas share state."""
     ttl, cap, running = settings.idempotency_ttl_s, settings.idempotency_max_bytes, _longest_request_s(settings)
-    if settings.redis_url is None:
+    if redis is None:
         return MemoryIdempotency(ttl, cap, running)
-    return RedisIdempotency(
-        settings.redis_url, ttl_s=ttl, max_bytes=cap, running_ttl_s=running, timeout_s=settings.redis_timeout_s
-    )
+    return RedisIdempotency(redis, ttl_s=ttl, max_bytes=cap, running_ttl_s=running, timeout_s=settings.redis_timeout_s)
 
 
-def build_quota(settings: Settings, metrics: Metrics) -> QuotaBackend:
+def build_quota(settings: Settings, metrics: Metrics, redis: RedisBatch | None) -> QuotaBackend:
     """In-process for one replica; Redis when replicas share quota."""
     lease_s = settings.quota_lease_s or _longest_request_s(settings)  # a lease outlives the longest request
-    if settings.redis_url is None:
+    if redis is None:
         return MemoryQuota(lease_s=lease_s)
     return RedisQuota(
-        settings.redis_url,
+        redis,
         fail_open=settings.quota_failure_policy == "open",
         on_fail_open=metrics.quota_fail_open.inc,
         timeout_s=settings.redis_timeout_s,
@@ -141,7 +146,8 @@ class Gateway:
         self.router = Router(
             build_routes(specs, handles, settings.models_cache), settings.batching, self.metrics, self.tracing
         )
-        self.quota = build_quota(settings, self.metrics)
+        self.redis = build_redis(settings)
+        self.quota = build_quota(settings, self.metrics, self.redis)
         self.ledger = Ledger(
             Database(settings.ledger_db_url),
             settings.journal_dir,
@@ -150,7 +156,7 @@ class Gateway:
         )
         self.metrics.bind_ledger_backlog(lambda: self.ledger.backlog)
         self.authenticator = Authenticator(store, settings.auth_cache_ttl_s)
-        self.idempotency = build_idempotency(settings)
+        self.idempotency = build_idempotency(settings, self.redis)
         self.keys = IdempotencyKeys(self.idempotency, self.ledger.seen)
         self.admission = Admission(self.quota, specs, settings.admission, on_shed=self._count_shed)
         self.core = Core(
@@ -310,6 +316,8 @@ class Gateway:
         await self.quota.close()
         self.keys.close()
         await self.idempotency.close()
+        if self.redis is not None:
+            await self.redis.close()
         await asyncio.to_thread(self.tracing.shutdown)  # flushes spans still queued for export
 
     async def stop(self, final_scrape_wait_s: float | None = None) -> None:

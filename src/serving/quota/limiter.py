@@ -3,6 +3,11 @@
 Limits are sliding windows of one minute (exact: a partner never gets more than its limit in any
 60-second span), a concurrency lease set and a calendar-month token counter. Admission reserves the
 estimated tokens; settling replaces the estimate with the actual count, refunding the difference.
+
+A window is kept as per-bucket counts (``BUCKET_S`` wide), not as one entry per request, so its memory is bounded
+per partner (``WINDOW_S / BUCKET_S`` buckets) whatever the rate. What a bucket holds counts until the bucket's *end*
+plus the window: nothing is forgotten early, so no 60-second span ever holds more than the limit; the price is that
+a request may wait up to one bucket (0.1 s) longer than a per-request log would make it (decision 0011).
 """
 
 from __future__ import annotations
@@ -15,6 +20,17 @@ from serving.domain import Caller
 from serving.errors import QuotaExceeded
 
 WINDOW_S = 60.0
+BUCKET_S = 0.1  # window resolution: 600 buckets per window
+
+
+def bucket_of(epoch_s: float) -> int:
+    """The bucket a request admitted at ``epoch_s`` counts in (both backends use integer milliseconds)."""
+    return int(epoch_s * 1000) // int(BUCKET_S * 1000)
+
+
+def bucket_expires_s(bucket: int) -> float:
+    """When what bucket ``bucket`` holds stops counting: its end plus the window."""
+    return (bucket + 1) * BUCKET_S + WINDOW_S
 
 
 @dataclass(frozen=True)
@@ -36,6 +52,7 @@ class Reservation:
     tokens: int
     month: str
     limits: RateLimits | None  # None when the quota store was unreachable and the policy let the call in
+    bucket: int = 0  # the window bucket its tokens count in (settling corrects that bucket)
 
 
 class QuotaBackend(Protocol):

@@ -1,13 +1,15 @@
-"""Quota shared by every gateway replica: the same sliding windows as ``memory``, kept in Redis and
-changed only by Lua scripts, so a reservation across all limits is atomic.
+"""Quota shared by every gateway replica: the same bucketed sliding windows as ``memory``, kept in Redis and
+changed only by Lua functions, so a reservation across all limits is atomic. Reservations and settlements go
+through ``RedisBatch``: those made during one event-loop turn share one script call (one round trip), applied in
+arrival order.
 
 When Redis cannot be reached (connection error, or no answer within ``timeout_s``) the configured policy
 applies: ``closed`` (default) rejects the call with UNAVAILABLE/503 and retry-after; ``open`` lets it in
 unreserved (and counts it in a metric). Pooled connections that a Redis restart broke are replaced on their next
-use (one immediate retry on a connection error), and ``register_script`` loads the scripts again into a restarted
-Redis that lost them (NOSCRIPT).
+use (one immediate retry on a connection error), and the batch loads its script again into a restarted Redis that
+lost it (NOSCRIPT).
 
-Both scripts are idempotent per reservation id, so a call whose reply was lost can be sent again: a reservation
+Both functions are idempotent per reservation id, so a call whose reply was lost can be sent again: a reservation
 is recorded once, and a settlement applies only while its concurrency lease exists. A settlement that cannot
 reach Redis is retried in the background with backoff until the lease would have expired anyway; a reservation
 that timed out (Redis may have applied it after all) is released the same way. Leases expire after ``lease_s``,
@@ -20,23 +22,28 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from serving.domain import Caller
 from serving.errors import Unavailable
-from serving.quota.limiter import WINDOW_S, RateLimits, Reservation, exceeded, month_of, seconds_to_month_end
+from serving.quota.limiter import (
+    BUCKET_S,
+    WINDOW_S,
+    RateLimits,
+    Reservation,
+    bucket_of,
+    exceeded,
+    month_of,
+    seconds_to_month_end,
+)
+from serving.storage.redis_batch import RedisBatch
 
 log = logging.getLogger("serving.quota")
-
-T = TypeVar("T")
 
 DEFAULT_LEASE_S = 90.0  # what Settings derives by default: http_timeout_s + admission wait + shutdown grace
 _SETTLE_RETRY_FIRST_S = 0.25  # background settle retries: first delay, doubling up to the cap
@@ -45,81 +52,89 @@ _MAX_PENDING_SETTLES = 10_000  # beyond this a failed settlement is dropped and 
 # An unreachable Redis: redis-py's connection errors and timeouts, or the overall bound on one call.
 _UNREACHABLE = (RedisError, TimeoutError)
 
-# KEYS: requests zset, tokens zset ("id:tokens" members), token sum, leases zset, month counter
-# ARGV: now_ms, window_ms, id, rpm, tpm, max_concurrent, lease_ms, tokens, monthly, month_ttl_s
+# KEYS: window hash (per-bucket counts 'r<b>'/'t<b>' and their sums 'r'/'t'), bucket zset, leases zset, month
+# counter.  ARGV: now_ms, window_ms, bucket_ms, bucket, id, rpm, tpm, max_concurrent, lease_ms, tokens, monthly,
+# month_ttl_s.  Returns {ok, reason, wait_ms (-1: month end), requests used, tokens used, reset_ms}.
 _RESERVE = """
-local now, window, id = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local rpm, tpm, maxc = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local lease, tokens, monthly = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local cutoff = now - window
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', cutoff)
-local sum = tonumber(redis.call('GET', KEYS[3]) or '0')
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', cutoff)
-for _, m in ipairs(expired) do sum = sum - tonumber(string.match(m, ':(%-?%d+)$')) end
-if #expired > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', cutoff) end
-if sum < 0 then sum = 0 end
-redis.call('SET', KEYS[3], sum, 'PX', window * 2)
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-local used = redis.call('ZCARD', KEYS[1])
-local month_used = tonumber(redis.call('GET', KEYS[5]) or '0')
-local function reset(key)
-  local o = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  if #o == 0 then return 0 end
-  return math.max(0, tonumber(o[2]) + window - now)
-end
-if redis.call('ZSCORE', KEYS[1], id) then  -- sent again after a lost reply: already recorded
-  return {1, '', 0, used, sum, reset(KEYS[1]), reset(KEYS[2])}
-end
-if rpm > 0 and used >= rpm then return {0, 'requests', reset(KEYS[1]), used, sum, reset(KEYS[1]), reset(KEYS[2])} end
-if tpm > 0 and sum + tokens > tpm then
-  if tokens > tpm then return {0, 'tokens_request', window, used, sum, reset(KEYS[1]), reset(KEYS[2])} end
-  local need, freed, wait = sum + tokens - tpm, 0, window
-  local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
-  for i = 1, #entries, 2 do
-    freed = freed + tonumber(string.match(entries[i], ':(%-?%d+)$'))
-    if freed >= need then wait = tonumber(entries[i + 1]) + window - now; break end
+local now, window, w, b, id = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5]
+local rpm, tpm, maxc = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
+local lease, tokens, monthly = tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11])
+local win, bkt = KEYS[1], KEYS[2]
+-- A bucket counts until its end plus the window: buckets up to this index have stopped counting.
+local cutoff = math.floor((now - window) / w) - 1
+local used = tonumber(redis.call('HGET', win, 'r') or '0')
+local sum = tonumber(redis.call('HGET', win, 't') or '0')
+local expired = redis.call('ZRANGEBYSCORE', bkt, '-inf', cutoff)
+if #expired > 0 then
+  for _, e in ipairs(expired) do
+    used = used - tonumber(redis.call('HGET', win, 'r' .. e) or '0')
+    sum = sum - tonumber(redis.call('HGET', win, 't' .. e) or '0')
+    redis.call('HDEL', win, 'r' .. e, 't' .. e)
   end
-  return {0, 'tokens', math.max(wait, 0), used, sum, reset(KEYS[1]), reset(KEYS[2])}
+  redis.call('ZREMRANGEBYSCORE', bkt, '-inf', cutoff)
+  if used < 0 then used = 0 end
+  if sum < 0 then sum = 0 end
+  redis.call('HSET', win, 'r', used, 't', sum)
 end
-if maxc > 0 and redis.call('ZCARD', KEYS[4]) >= maxc then
-  return {0, 'concurrency', 100, used, sum, reset(KEYS[1]), reset(KEYS[2])}
+local function until_freed(prefix, need)
+  local freed = 0
+  for _, e in ipairs(redis.call('ZRANGE', bkt, 0, -1)) do
+    freed = freed + tonumber(redis.call('HGET', win, prefix .. e) or '0')
+    if freed >= need then return math.max((tonumber(e) + 1) * w + window - now, 0) end
+  end
+  return window
 end
-if monthly > 0 and month_used + tokens > monthly then
-  return {0, 'monthly_tokens', -1, used, sum, reset(KEYS[1]), reset(KEYS[2])}
+local reset = 0
+local oldest = redis.call('ZRANGE', bkt, 0, 0)
+if #oldest > 0 then reset = math.max((tonumber(oldest[1]) + 1) * w + window - now, 0) end
+if redis.call('ZSCORE', KEYS[3], id) then  -- sent again after a lost reply: already recorded
+  return {1, '', 0, used, sum, reset}
 end
-redis.call('ZADD', KEYS[1], now, id)
-redis.call('ZADD', KEYS[2], now, id .. ':' .. tokens)
-sum = sum + tokens
-redis.call('SET', KEYS[3], sum, 'PX', window * 2)
-redis.call('ZADD', KEYS[4], now + lease, id)
-redis.call('INCRBY', KEYS[5], tokens)
-redis.call('EXPIRE', KEYS[5], tonumber(ARGV[10]))
-redis.call('PEXPIRE', KEYS[1], window * 2)
-redis.call('PEXPIRE', KEYS[2], window * 2)
-redis.call('PEXPIRE', KEYS[4], lease * 2)
-return {1, '', 0, used + 1, sum, reset(KEYS[1]), reset(KEYS[2])}
+if rpm > 0 and used >= rpm then return {0, 'requests', until_freed('r', used + 1 - rpm), used, sum, reset} end
+if tpm > 0 and sum + tokens > tpm then
+  if tokens > tpm then return {0, 'tokens_request', window, used, sum, reset} end
+  return {0, 'tokens', until_freed('t', sum + tokens - tpm), used, sum, reset}
+end
+if maxc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= maxc then return {0, 'concurrency', 100, used, sum, reset} end
+end
+if monthly > 0 and tonumber(redis.call('GET', KEYS[4]) or '0') + tokens > monthly then
+  return {0, 'monthly_tokens', -1, used, sum, reset}
+end
+redis.call('HSET', win, 'r', used + 1, 't', sum + tokens)
+redis.call('HINCRBY', win, 't' .. b, tokens)
+redis.call('ZADD', KEYS[3], now + lease, id)
+redis.call('INCRBY', KEYS[4], tokens)  -- counted without a budget too: a budget set mid-month sees the month
+if redis.call('HINCRBY', win, 'r' .. b, 1) == 1 then  -- a new bucket: list it, and keep the keys alive past it
+  redis.call('ZADD', bkt, tonumber(b), b)
+  redis.call('PEXPIRE', win, window + 2 * w)
+  redis.call('PEXPIRE', bkt, window + 2 * w)
+  redis.call('PEXPIRE', KEYS[3], lease * 2)
+  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[12]))
+end
+if #oldest == 0 then reset = (tonumber(b) + 1) * w + window - now end
+return {1, '', 0, used + 1, sum + tokens, reset}
 """
 
-# KEYS: tokens zset, token sum, leases zset, month counter.  ARGV: id, reserved, actual
+# KEYS: window hash, leases zset, month counter.  ARGV: id, reserved, actual, bucket.
 # Applies once, while the lease exists: a repeated settlement, or one after the lease expired, changes nothing.
 _SETTLE = """
-if redis.call('ZREM', KEYS[3], ARGV[1]) == 0 then return 0 end
-local reserved, actual = tonumber(ARGV[2]), tonumber(ARGV[3])
-local member = ARGV[1] .. ':' .. reserved
-local score = redis.call('ZSCORE', KEYS[1], member)
-if score then
-  redis.call('ZREM', KEYS[1], member)
-  redis.call('ZADD', KEYS[1], score, ARGV[1] .. ':' .. actual)
-  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[2], actual - reserved) end
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+local delta = tonumber(ARGV[3]) - tonumber(ARGV[2])
+if delta == 0 then return 1 end
+if redis.call('HEXISTS', KEYS[1], 't' .. ARGV[4]) == 1 then  -- its bucket still counts
+  redis.call('HINCRBY', KEYS[1], 't' .. ARGV[4], delta)
+  redis.call('HINCRBY', KEYS[1], 't', delta)
 end
-if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('INCRBY', KEYS[4], actual - reserved) end
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('INCRBY', KEYS[3], delta) end
 return 1
 """
 
 
 def _keys(partner_id: str, month: str) -> list[str]:
     tag = f"quota:{{{partner_id}}}"  # one hash slot per partner (Redis Cluster)
-    return [f"{tag}:req", f"{tag}:tok", f"{tag}:toksum", f"{tag}:lease", f"{tag}:month:{month}"]
+    return [f"{tag}:win", f"{tag}:bkt", f"{tag}:lease", f"{tag}:month:{month}"]
 
 
 @dataclass(frozen=True)
@@ -132,7 +147,7 @@ class _PendingSettle:
 class RedisQuota:
     def __init__(
         self,
-        url: str,
+        redis: str | RedisBatch,
         *,
         fail_open: bool = False,
         on_fail_open: Callable[[], None] = lambda: None,
@@ -142,16 +157,11 @@ class RedisQuota:
     ) -> None:
         if timeout_s <= 0 or lease_s <= 0:
             raise ValueError("the Redis quota needs timeout_s > 0 and lease_s > 0")
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # A connection that a Redis restart broke fails on its next use: retry once, at once, on a new one.
-            # Not on timeouts: the call is bounded by timeout_s as a whole.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
-        self._reserve = self._redis.register_script(_RESERVE)
-        self._settle = self._redis.register_script(_SETTLE)
+        # A URL: this store's own batch; a RedisBatch: shared with the idempotency keys (one round trip per turn).
+        self._owns_batch = isinstance(redis, str)
+        self._batch = RedisBatch(redis, timeout_s=timeout_s) if isinstance(redis, str) else redis
+        self._batch.register("quota_reserve", _RESERVE)
+        self._batch.register("quota_settle", _SETTLE)
         self._timeout_s = timeout_s
         self._clock = clock  # window and lease times come from the gateway's clock
         self._lease_ms = int(lease_s * 1000)
@@ -170,10 +180,11 @@ class RedisQuota:
         while self._retrier is not None and not self._retrier.done():
             await asyncio.shield(self._retrier)
 
-    async def _bounded(self, call: Awaitable[T]) -> T:
-        """One round trip (with its reconnect or NOSCRIPT reload) within timeout_s, or TimeoutError."""
+    async def _bounded(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """One operation (in the next batch, with its reconnect or NOSCRIPT reload) within timeout_s, or
+        TimeoutError."""
         async with asyncio.timeout(self._timeout_s):
-            return await call
+            return await self._batch.call(name, keys, args)
 
     def _unreachable(self, exc: Exception) -> None:
         log.warning("quota store unreachable: %s", exc)
@@ -185,33 +196,35 @@ class RedisQuota:
         now = self._clock()
         month = month_of(now)
         plan = caller.plan
-        window_ms = int(WINDOW_S * 1000)
+        bucket = bucket_of(now)
         args: list[Any] = [
-            int(now * 1000), window_ms, reservation_id, plan.requests_per_minute, plan.tokens_per_minute,
-            plan.max_concurrent, self._lease_ms, tokens, plan.monthly_tokens, 40 * 24 * 3600,
+            int(now * 1000), int(WINDOW_S * 1000), int(BUCKET_S * 1000), bucket, reservation_id,
+            plan.requests_per_minute, plan.tokens_per_minute, plan.max_concurrent, self._lease_ms, tokens,
+            plan.monthly_tokens, 40 * 24 * 3600,
         ]  # fmt: skip
+        unreserved = Reservation(caller.partner_id, reservation_id, tokens, month, None, bucket)
         try:
-            result = await self._bounded(self._reserve(keys=_keys(caller.partner_id, month), args=args))
+            result = await self._bounded("quota_reserve", _keys(caller.partner_id, month), args)
         except _UNREACHABLE as exc:
             if not isinstance(exc, RedisConnectionError):  # no answer: Redis may have applied it; release it
-                self._retry_later(Reservation(caller.partner_id, reservation_id, tokens, month, None), 0)
+                self._retry_later(unreserved, 0)
             self._unreachable(exc)
-            return Reservation(caller.partner_id, reservation_id, tokens, month, None)
+            return unreserved
         ok, reason = int(result[0]), result[1].decode() if isinstance(result[1], bytes) else str(result[1])
-        used, token_sum, reset_requests, reset_tokens = (int(v) for v in result[3:7])
+        used, token_sum, reset_ms = (int(v) for v in result[3:6])
         limits = RateLimits(
             limit_requests=plan.requests_per_minute,
             remaining_requests=max(plan.requests_per_minute - used, 0),
-            reset_requests_s=reset_requests / 1000,
+            reset_requests_s=reset_ms / 1000,
             limit_tokens=plan.tokens_per_minute,
             remaining_tokens=max(plan.tokens_per_minute - token_sum, 0),
-            reset_tokens_s=reset_tokens / 1000,
+            reset_tokens_s=reset_ms / 1000,
         )
         if not ok:
             wait_ms = float(result[2])
             wait_s = seconds_to_month_end(now) if wait_ms < 0 else wait_ms / 1000
             raise exceeded(reason, caller, wait_s, tokens, limits)
-        return Reservation(caller.partner_id, reservation_id, tokens, month, limits)
+        return Reservation(caller.partner_id, reservation_id, tokens, month, limits, bucket)
 
     async def settle(self, reservation: Reservation, actual_tokens: int) -> None:
         if reservation.limits is None:
@@ -223,13 +236,9 @@ class RedisQuota:
             self._retry_later(reservation, actual_tokens)
 
     async def _settle_once(self, reservation: Reservation, actual_tokens: int) -> None:
-        keys = _keys(reservation.partner_id, reservation.month)
-        await self._bounded(
-            self._settle(
-                keys=[keys[1], keys[2], keys[3], keys[4]],
-                args=[reservation.reservation_id, reservation.tokens, actual_tokens],
-            )
-        )
+        win, _bkt, lease, month = _keys(reservation.partner_id, reservation.month)
+        args = [reservation.reservation_id, reservation.tokens, actual_tokens, reservation.bucket]
+        await self._bounded("quota_settle", [win, lease, month], args)
 
     def _retry_later(self, reservation: Reservation, actual_tokens: int) -> None:
         if len(self._pending) >= _MAX_PENDING_SETTLES:
@@ -262,4 +271,5 @@ class RedisQuota:
             await asyncio.gather(self._retrier, return_exceptions=True)
         if self._pending:
             log.warning("%d quota settlements not delivered; their leases expire", len(self._pending))
-        await self._redis.aclose()
+        if self._owns_batch:
+            await self._batch.close()

@@ -13,9 +13,10 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from serving.cli_admin import add_admin_commands
+from serving.gateway.workers import DRAINED_LINE, PortInUse, Supervisor, ready_line, reserve_port, worker_specs
 from serving.models.registry import load_registry
 from serving.observability import access_log
 from serving.partners.keys import parse_key
@@ -23,15 +24,12 @@ from serving.partners.store import PartnerStore
 from serving.settings import Settings, load_settings
 from serving.storage.database import Database
 
-if TYPE_CHECKING:
-    from serving.gateway.app import Gateway
-
 log = logging.getLogger("serving")
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    for name in ("data_dir", "grpc_port", "http_port", "ops_port", "ray_address", "model_registry"):
+    for name in ("data_dir", "grpc_port", "http_port", "ops_port", "ray_address", "model_registry", "workers"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = Path(value) if name in ("data_dir", "model_registry") else value
@@ -65,17 +63,23 @@ def _admin_token(settings: Settings) -> Settings:
     return replace(settings, admin_token=path.read_text().strip())
 
 
-def _banner(settings: Settings, gateway: Gateway, key: str) -> str:
-    http = f"http://{settings.http_host}:{gateway.http_port}"
-    ops = f"http://{settings.ops_host}:{gateway.ops_port}"
-    grpc_addr = f"{settings.grpc_host}:{gateway.grpc_port}"
+def _banner(settings: Settings, grpc_port: int, http_port: int, ops_ports: list[int], key: str) -> str:
+    http = f"http://{settings.http_host}:{http_port}"
+    ops = f"http://{settings.ops_host}:{ops_ports[0]}"
+    grpc_addr = f"{settings.grpc_host}:{grpc_port}"
+    workers = ""
+    if len(ops_ports) > 1:
+        workers = (
+            f"\n  {len(ops_ports)} gateway workers share the gRPC and HTTP ports; each has its own ops port:"
+            f" {', '.join(map(str, ops_ports))} (quota shared in Redis; fair queues per worker)"
+        )
     question = {"role": "user", "content": "What is the capital of France?"}
     chat = json.dumps({"model": "smollm2-135m-instruct", "messages": [question]})
     return f"""
 Partner model API is up.
   gRPC  {grpc_addr}   (serving.v1.InferenceService, ModelService; health + reflection on)
   HTTP  {http}   (OpenAPI: {http}/docs)
-  ops   {ops}   (private: /metrics, admin API {ops}/admin/v1/partners, /healthz, /readyz)
+  ops   {ops}   (private: /metrics, admin API {ops}/admin/v1/partners, /healthz, /readyz){workers}
   demo API key: {key}   (also in {settings.demo_key_path})
   admin token in {settings.admin_token_path}
 
@@ -101,14 +105,15 @@ async def _drain_pipe(pipe: asyncio.StreamReader) -> None:
 
 
 async def _start_billing(
-    settings: Settings, ops_port: int, readers: set[asyncio.Task[None]]
+    settings: Settings, ops_ports: list[int], readers: set[asyncio.Task[None]]
 ) -> tuple[asyncio.subprocess.Process | None, str]:
     """``serving run`` starts the usage-billing service (services/billing) beside the gateway: it scrapes the
-    gateway's ops listener (/metrics) and reads the ledger; its API takes the same admin token. ``BILLING_*``
-    variables in the environment take precedence."""
+    gateway's ops listener (/metrics; every worker's with ``--workers``) and reads the ledger; its API takes the
+    same admin token. ``BILLING_*`` variables in the environment take precedence."""
+    targets = ",".join(f"http://{settings.ops_host}:{port}/metrics" for port in ops_ports)
     defaults = {
         "BILLING_DATA_DIR": str(settings.data_dir),
-        "BILLING_SCRAPE_TARGETS": f"http://{settings.ops_host}:{ops_port}/metrics",
+        "BILLING_SCRAPE_TARGETS": targets,
         "BILLING_ADMIN_TOKEN": settings.admin_token or "",
         "BILLING_LEDGER_DATABASE_URL": settings.ledger_db_url,
         "BILLING_PARTNERS_DATABASE_URL": settings.partners_db_url,
@@ -129,34 +134,8 @@ async def _start_billing(
     return None, ""
 
 
-async def _serve_until_signal(
-    settings: Settings, handles: dict[str, Any], store: PartnerStore, key: str | None
-) -> None:
-    from serving.gateway.app import Gateway
-
-    specs = load_registry(settings.model_registry)
-    gateway = Gateway(settings, specs, handles, store)
-    await gateway.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    readers: set[asyncio.Task[None]] = set()  # billing's stdout, read on
-    billing, billing_url = (None, "") if key is None else await _start_billing(settings, gateway.ops_port, readers)
-    if key is not None:
-        print(_banner(settings, gateway, key), flush=True)
-    if billing_url:
-        print(f"Usage billing: {billing_url}  (invoices: {billing_url}/v1/invoices · metrics: {billing_url}/metrics)")
-    # One machine-readable line for scripts and tests that start a gateway on port 0.
-    ports = {"grpc_port": gateway.grpc_port, "http_port": gateway.http_port, "ops_port": gateway.ops_port}
-    print("READY " + json.dumps(ports), flush=True)
-    await stop.wait()
-    log.info("stopping: draining in-flight requests (grace %.0f s)", settings.shutdown_grace_s)
-    await gateway.drain()
-    if billing is None:
-        await gateway.close()  # waits (bounded) for whoever scrapes this gateway to read the final counters
-        return
-    # Billing scrapes the final counters on its way out (SIGTERM), while the ops listener is still up.
+async def _stop_billing(billing: asyncio.subprocess.Process) -> None:
+    # Billing scrapes the final counters on its way out (SIGTERM), while the ops listeners are still up.
     with contextlib.suppress(ProcessLookupError):  # Ctrl-C reached its process group too: it is stopping already
         billing.terminate()
     try:
@@ -166,7 +145,103 @@ async def _serve_until_signal(
         log.warning("the billing service did not stop within %.0f s; killing it", _BILLING_STOP_S)
         billing.kill()
         await billing.wait()
+
+
+def _announce(settings: Settings, key: str, ports: tuple[int, int, list[int]], billing_url: str) -> None:
+    print(_banner(settings, *ports, key), flush=True)
+    if billing_url:
+        print(f"Usage billing: {billing_url}  (invoices: {billing_url}/v1/invoices · metrics: {billing_url}/metrics)")
+
+
+async def _stop_at_stdin_eof(stop: asyncio.Event) -> None:
+    """A worker's stdin is a pipe from its supervisor: EOF means the supervisor is gone, and a worker left behind
+    would serve on unsupervised."""
+    reader = asyncio.StreamReader()
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await reader.read()
+    stop.set()
+
+
+async def _serve_until_signal(
+    settings: Settings, handles: dict[str, Any], store: PartnerStore, key: str | None, worker: bool = False
+) -> None:
+    from serving.gateway.app import Gateway
+
+    specs = load_registry(settings.model_registry)
+    gateway = Gateway(settings, specs, handles, store)
+    await gateway.start(reuse_port=worker)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    orphan_watch = asyncio.create_task(_stop_at_stdin_eof(stop)) if worker else None
+    readers: set[asyncio.Task[None]] = set()  # billing's stdout, read on
+    billing, billing_url = (None, "") if key is None else await _start_billing(settings, [gateway.ops_port], readers)
+    if key is not None:
+        _announce(settings, key, (gateway.grpc_port, gateway.http_port, [gateway.ops_port]), billing_url)
+    # One machine-readable line for scripts and tests that start a gateway on port 0.
+    ports = {"grpc_port": gateway.grpc_port, "http_port": gateway.http_port, "ops_port": gateway.ops_port}
+    print("READY " + json.dumps(ports), flush=True)
+    await stop.wait()
+    log.info("stopping: draining in-flight requests (grace %.0f s)", settings.shutdown_grace_s)
+    await gateway.drain()
+    if orphan_watch is not None and not orphan_watch.done():  # done: the supervisor is gone, nobody reads stdout
+        orphan_watch.cancel()
+        with contextlib.suppress(BrokenPipeError):  # it died just now
+            print(DRAINED_LINE, flush=True)  # the supervisor stops billing (its exit scrape) once every worker drained
+    if billing is None:
+        await gateway.close()  # waits (bounded) for whoever scrapes this gateway to read the final counters
+        return
+    await _stop_billing(billing)
     await gateway.close(final_scrape_wait_s=0)
+
+
+_WORKER_STOP_MARGIN_S = 30.0  # beyond a worker's own bounds (grace, final-scrape wait) before it is killed
+
+
+def _require_shared_quota(settings: Settings) -> None:
+    """Several gateway processes must share quota and idempotency state: kept in each process, a partner would get
+    up to N times its plan. Checked before anything starts."""
+    if settings.workers > 1 and settings.redis_url is None:
+        print(
+            f"serving: --workers {settings.workers} (SERVING_WORKERS) runs {settings.workers} gateway processes,"
+            " which must share the quota: set SERVING_REDIS_URL (e.g. redis://127.0.0.1:6379/0).",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+
+
+async def _supervise(settings: Settings, ray_address: str, key: str | None) -> int:
+    """``--workers N`` (N > 1): N gateway processes on the same partner ports (``gateway/workers.py``), started
+    and stopped together; returns the exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    with contextlib.ExitStack() as reserved:  # held until the end; they take no connections (see reserve_port)
+        try:
+            grpc_port = reserved.enter_context(reserve_port(settings.grpc_host, settings.grpc_port)).getsockname()[1]
+            http_port = reserved.enter_context(reserve_port(settings.http_host, settings.http_port)).getsockname()[1]
+        except PortInUse as exc:
+            log.error("cannot start the gateway workers: %s", exc)
+            return 1
+        supervisor = Supervisor(worker_specs(settings, ray_address, grpc_port, http_port))
+        billing: asyncio.subprocess.Process | None = None
+        readers: set[asyncio.Task[None]] = set()  # billing's stdout, read on
+        ready = await supervisor.start(stop)
+        if ready is not None:
+            ops_ports = [int(worker["ops_port"]) for worker in ready]
+            if key is not None:
+                billing, billing_url = await _start_billing(settings, ops_ports, readers)
+                _announce(settings, key, (grpc_port, http_port, ops_ports), billing_url)
+            print(ready_line(grpc_port, http_port, ops_ports), flush=True)
+            await supervisor.run_until(stop)
+        log.info("stopping the gateway workers")
+        supervisor.terminate()
+        await supervisor.drained(settings.shutdown_grace_s + _WORKER_STOP_MARGIN_S)
+        if billing is not None:
+            await _stop_billing(billing)
+        return await supervisor.wait(settings.final_scrape_wait_s + _WORKER_STOP_MARGIN_S)
 
 
 def _ray_env() -> dict[str, Any]:
@@ -222,6 +297,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from serving.models.deployment import deploy_models
 
     settings = _settings(args)
+    _require_shared_quota(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings = _admin_token(settings)
     store = PartnerStore(Database(settings.partners_db_url))
@@ -235,14 +311,20 @@ def cmd_run(args: argparse.Namespace) -> None:
         runtime_env=_ray_env(),
         logging_level=logging.WARNING,
     )
+    code = 0
     try:
         serve.start(proxy_location="Disabled")
         handles = deploy_models(specs, settings.models_cache, settings.serve_app_name)
-        asyncio.run(_serve_until_signal(settings, handles, store, key))
+        if settings.workers > 1:  # the workers attach to this Ray instance as drivers of their own
+            code = asyncio.run(_supervise(settings, ray.get_runtime_context().gcs_address, key))
+        else:
+            asyncio.run(_serve_until_signal(settings, handles, store, key))
     finally:
         serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
         store.close()
+    if code:
+        raise SystemExit(code)
 
 
 def cmd_gateway(args: argparse.Namespace) -> None:
@@ -252,11 +334,14 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     from serving.models.deployment import attach_models
 
     settings = _settings(args)
+    if settings.workers > 1 and not args.worker:  # the supervisor: no Ray, no stores of its own
+        _require_shared_quota(settings)
+        raise SystemExit(asyncio.run(_supervise(settings, settings.ray_address or "auto", None)))
     store = PartnerStore(Database(settings.partners_db_url))
     _ray_init(address=settings.ray_address or "auto", logging_level=logging.WARNING, namespace="serve")
     try:
         handles = attach_models(load_registry(settings.model_registry), settings.serve_app_name)
-        asyncio.run(_serve_until_signal(settings, handles, store, None))
+        asyncio.run(_serve_until_signal(settings, handles, store, None, worker=args.worker))
     finally:
         ray.shutdown()
         store.close()
@@ -275,6 +360,11 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--ops-port", dest="ops_port", type=int, help="metrics, admin API, health (private)")
         sub.add_argument("--ray-address", dest="ray_address")
         sub.add_argument("--model-registry", dest="model_registry")
+        sub.add_argument(
+            "--workers", dest="workers", type=int, help="gateway processes sharing the partner ports (SERVING_WORKERS)"
+        )
+    # A worker of a --workers supervisor: shares the partner ports, reports its drain, stops if the supervisor dies.
+    gateway.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
     gateway.set_defaults(func=cmd_gateway)
 

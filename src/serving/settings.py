@@ -72,6 +72,9 @@ class Settings:
     # The ops listener: /metrics, /admin/v1, health and readiness. Never on the partner port; keep it private.
     ops_host: str = "127.0.0.1"
     ops_port: int = 8090
+    # Gateway processes on this machine sharing the partner ports (SO_REUSEPORT); each gets its own ops port
+    # (ops_port, ops_port + 1, ...) and journal. More than one needs redis_url (quota shared across processes).
+    workers: int = 1
     http_timeout_s: float = 60.0
     shutdown_grace_s: float = 20.0
     # After a graceful stop drained every request, the ops listener stays up until one more /metrics scrape reads
@@ -136,6 +139,10 @@ class Settings:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise SettingsError(f"{name} must be in 0..65535; got {port}")
+        if self.workers < 1:
+            raise SettingsError(f"workers must be >= 1; got {self.workers}")
+        if self.ops_port and self.ops_port + self.workers - 1 > 65535:
+            raise SettingsError(f"ops_port + workers - 1 must be <= 65535; got {self.ops_port + self.workers - 1}")
         if self.http_timeout_s <= 0 or self.shutdown_grace_s < 0 or self.final_scrape_wait_s < 0:
             raise SettingsError("http_timeout_s must be > 0, shutdown_grace_s and final_scrape_wait_s >= 0")
         if self.batching.max_batch_size < 1 or self.batching.max_wait_ms < 0:

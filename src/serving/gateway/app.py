@@ -224,9 +224,11 @@ class Gateway:
         if self._drained:
             self._final_scrape.set()
 
-    async def _serve_http(self, app: Any, host: str, port: int) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
+    async def _serve_http(
+        self, app: Any, host: str, port: int, reuse_port: bool = False
+    ) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
         # Bind the socket ourselves so the port (possibly 0) is known before serving starts.
-        sock = socket.create_server((host, port), reuse_port=False)
+        sock = socket.create_server((host, port), reuse_port=reuse_port)
         config = uvicorn.Config(
             app,
             log_level="warning",
@@ -239,11 +241,13 @@ class Gateway:
         task = asyncio.create_task(server.serve(sockets=[sock]))
         return server, task, int(sock.getsockname()[1])
 
-    async def start(self) -> None:
+    async def start(self, reuse_port: bool = False) -> None:
+        """``reuse_port``: this is one of several worker processes sharing the partner ports (SO_REUSEPORT, see
+        ``gateway/workers.py``). The ops listener is never shared: each worker's /metrics is scraped on its own."""
         s = self.settings
         self._replica_task = asyncio.create_task(self.poll_replicas())
         grpc_server, self.grpc_port, self._health = await build_grpc_server(
-            self.core, s.grpc_host, s.grpc_port, s.limits.max_request_bytes, s.http_timeout_s
+            self.core, s.grpc_host, s.grpc_port, s.limits.max_request_bytes, s.http_timeout_s, reuse_port
         )
         await grpc_server.start()
         self._grpc_server = grpc_server
@@ -251,7 +255,7 @@ class Gateway:
         partner_app = build_http_app(
             self.core, HttpConfig(s.limits.max_request_bytes, s.http_timeout_s), self.readiness
         )
-        self._http = await self._serve_http(partner_app, s.http_host, s.http_port)
+        self._http = await self._serve_http(partner_app, s.http_host, s.http_port, reuse_port)
         self.http_port = self._http[2]
         admin = admin_router(self.store, self.ledger.db, s.admin_token)
         ops_app = build_ops_app(self.metrics, self.readiness, admin, on_scrape=self._scraped)

@@ -246,12 +246,16 @@ class Health:
 
 
 async def build_grpc_server(
-    core: Core, host: str, port: int, max_request_bytes: int, max_timeout_s: float
+    core: Core, host: str, port: int, max_request_bytes: int, max_timeout_s: float, reuse_port: bool = False
 ) -> tuple[grpc.aio.Server, int, Health]:
-    """The server with inference, models, health and reflection; returns it with its bound port and health."""
+    """The server with inference, models, health and reflection; returns it with its bound port and health.
+
+    ``reuse_port``: gateway worker processes share the port (SO_REUSEPORT). Off otherwise, so that a port in use is
+    an error rather than silently shared with another server."""
     # grpc's own cap sits well above ours so that oversize bodies reach our check and get INVALID_ARGUMENT.
     cap = max(16 * 1024 * 1024, 4 * max_request_bytes)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", cap), ("grpc.so_reuseport", 0)])
+    options = [("grpc.max_receive_message_length", cap), ("grpc.so_reuseport", int(reuse_port))]
+    server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers(GrpcFrontDoor(core, max_request_bytes, max_timeout_s).handlers())
     health_state = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_state.servicer, server)

@@ -25,11 +25,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+
+from serving.storage.resp import RespConnection
 
 log = logging.getLogger("serving.redis")
 
@@ -73,13 +72,7 @@ class RedisBatch:
     def __init__(self, url: str, *, timeout_s: float) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be > 0")
-        self._redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            # A connection that a Redis restart broke fails on its next use: retry once, at once, on a new one.
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
+        self._redis = RespConnection(url, timeout_s)
         self._functions: dict[str, str] = {}
         self._source = ""
         self._sha = ""
@@ -141,14 +134,20 @@ class RedisBatch:
             args.extend(op.args)
         self.batches += 1
         self.operations += len(batch)
-        try:
-            replies = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
-        except NoScriptError:  # a restarted (or flushed) Redis: load the script and send the batch again
-            await self._redis.script_load(self._source)
-            replies = await self._redis.evalsha(self._sha, len(keys), *keys, *args)
+        for attempt in (1, 2):
+            try:
+                replies = await self._redis.call("EVALSHA", self._sha, len(keys), *keys, *args)
+                break
+            except NoScriptError:  # a restarted (or flushed) Redis: load the script and send the batch again
+                await self._redis.call("SCRIPT", "LOAD", self._source)
+            except RedisConnectionError:  # a Redis restart broke the connection: once more, on a new one
+                if attempt == 2:
+                    raise
+        else:
+            replies = await self._redis.call("EVALSHA", self._sha, len(keys), *keys, *args)
         return list(replies)
 
     async def close(self) -> None:
         if self._sender is not None and not self._sender.done():
             await asyncio.gather(self._sender, return_exceptions=True)
-        await self._redis.aclose()
+        self._redis.close()

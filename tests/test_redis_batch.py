@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 from conftest import REDIS_URL
+from redis.exceptions import ResponseError
 
 from serving.domain import Caller
 from serving.errors import QuotaExceeded
@@ -22,6 +23,7 @@ from serving.quota.limiter import BUCKET_S, WINDOW_S, QuotaBackend, Reservation,
 from serving.quota.memory import MemoryQuota
 from serving.quota.redis_quota import RedisQuota
 from serving.storage.redis_batch import RedisBatch
+from serving.storage.resp import Endpoint, RespConnection
 
 
 class Clock:
@@ -144,3 +146,29 @@ async def test_window_memory_is_bounded_whatever_the_rate(backend: str, batch: R
             assert int(await client.hget(f"{tag}:win", "r") or 0) == sum(bucket_of(t) >= first for t in admitted)
         finally:
             await client.aclose()
+
+
+def test_redis_urls_parse_like_redis_py() -> None:
+    assert Endpoint.parse("redis://127.0.0.1:6390/2") == Endpoint("127.0.0.1", 6390, 2, None, None, False)
+    assert Endpoint.parse("rediss://app:s%40cret@cache.internal") == Endpoint(
+        "cache.internal", 6379, 0, "app", "s@cret", True
+    )
+    with pytest.raises(ValueError, match="redis://"):
+        Endpoint.parse("http://127.0.0.1:6379")
+
+
+async def test_the_connection_selects_the_database_of_its_url() -> None:
+    connection = RespConnection(REDIS_URL.rsplit("/", 1)[0] + "/3", timeout_s=2.0)
+    key = f"resp-test:{uuid.uuid4().hex}"
+    try:
+        assert await connection.call("SET", key, "on db 3", "PX", 60_000) == b"OK"
+        with pytest.raises(ResponseError, match="unknown command"):
+            await connection.call("NO-SUCH-COMMAND")
+        assert await connection.call("GET", key) == b"on db 3"  # an error reply leaves the connection usable
+    finally:
+        connection.close()
+    client = aioredis.Redis.from_url(REDIS_URL.rsplit("/", 1)[0] + "/3")
+    try:
+        assert await client.get(key) == b"on db 3"
+    finally:
+        await client.aclose()

@@ -12,7 +12,7 @@ import json
 import logging
 import queue
 import sys
-from logging.handlers import QueueHandler, QueueListener
+import threading
 from typing import TextIO
 
 ACCESS_LOGGER = "serving.access"
@@ -53,18 +53,51 @@ def write(
     logger.info(json.dumps(line, separators=(",", ":")))
 
 
-def configure(enabled: bool, stream: TextIO = sys.stderr) -> QueueListener:
+class _Lines(logging.Handler):
+    """Puts each access line (the record's message is the finished JSON) on a queue, as it is: none of
+    QueueHandler's formatting and record copying on the event loop. A thread writes the lines."""
+
+    def __init__(self, lines: queue.SimpleQueue[str | None]) -> None:
+        super().__init__()
+        self._lines = lines
+
+    def handle(self, record: logging.LogRecord) -> bool:  # no handler lock, no filters: only the put
+        self._lines.put(str(record.msg))
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+
+class LineWriter:
+    """The thread that writes queued access lines to the stream; ``stop()`` writes what is queued, then ends."""
+
+    def __init__(self, lines: queue.SimpleQueue[str | None], stream: TextIO) -> None:
+        self._lines = lines
+        self._stream = stream
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (line := self._lines.get()) is not None:
+            self._stream.write(line + "\n")
+            if self._lines.empty():  # flush once per burst, not once per line
+                self._stream.flush()
+        self._stream.flush()
+
+    def stop(self) -> None:
+        self._lines.put(None)
+        self._thread.join()
+
+
+def configure(enabled: bool, stream: TextIO = sys.stderr) -> LineWriter:
     """At process start: access lines go to ``stream`` (stderr: stdout carries the READY line) as bare JSON,
-    without a log prefix, and not to the root logger. The event loop only enqueues each line; a listener
-    thread writes it, so a slow stderr never stalls requests. Stop the returned listener at exit (it flushes)."""
+    without a log prefix, and not to the root logger. The event loop only enqueues each line; a writer thread
+    writes it, so a slow stderr never stalls requests. Stop the returned writer at exit (it flushes)."""
     logger = logging.getLogger(ACCESS_LOGGER)
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if enabled else logging.WARNING)
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    logger.addHandler(QueueHandler(lines))
-    listener = QueueListener(lines, handler)
-    listener.start()
-    return listener
+    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+    logger.addHandler(_Lines(lines))
+    return LineWriter(lines, stream)

@@ -19,6 +19,10 @@ It starts Ray, deploys MiniLM and a no-op model through ``serving.models.deploym
   C-http  plain Ray Serve called over HTTP through its own proxy, as its batching guide shows
   S  a concurrency sweep 1 → 256 through the whole stack (MiniLM and no-op): throughput must not fall as
      concurrency rises; p99 at 256 ÷ p99 at 1
+  CPU  the gateway process's CPU µs per no-op request (ΔCPU of this process over a fixed number of requests,
+     after a warm-up), everything ON (MemoryQuota, then RedisQuota; access log on) over gRPC, native HTTP
+     (POST /v1/embed) and the OpenAI route (POST /v1/embeddings), next to the bare grpc.aio echo server's
+     (target: ≤ 300 µs with the Redis quota); also OFF over gRPC and ON-redis at concurrency 1
 
 The same command runs on a CUDA machine: ``--device auto`` (the default) puts MiniLM (stack replica, plain
 Serve, raw baseline) on the GPU when torch sees one, ``--dtype float16|bfloat16`` picks half precision there,
@@ -28,13 +32,13 @@ Load clients and the raw model run in subprocesses of this script (``--worker``)
 shares its event loop with the client that loads it. Nothing is asserted: it prints ratios (and latencies).
 The code is in ``loadtests/benchlib``: common (types, texts, load driver), workers (client and raw-model
 subprocesses), plain (option C), stack (Ray, deployments, echo server, partners), overhead (rows G),
-runs (the plan and the gateways' lifetime), report (tables and JSON).
+cpu (rows CPU), runs (the plan and the gateways' lifetime), report (tables and JSON).
+``loadtests/profile_gateway.py`` profiles the same gateway under load with py-spy.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import tempfile
 import time
@@ -52,10 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per row")
     parser.add_argument(
         "--rows",
-        choices=("all", "stack", "overhead", "sweep"),
+        choices=("all", "stack", "overhead", "sweep", "cpu"),
         default="all",
-        help="stack: echo/raw/A/B/C/C-http/A0/B0; overhead: G; sweep: S",
+        help="stack: echo/raw/A/B/C/C-http/A0/B0; overhead: G; sweep: S; cpu: gateway CPU per request",
     )
+    parser.add_argument("--cpu-requests", type=int, default=3000, help="requests measured per CPU row")
+    parser.add_argument("--cpu-warmup", type=int, default=500, help="requests of warm-up before each CPU row")
     parser.add_argument(
         "--sweep-levels",
         default=",".join(str(c) for c in DEFAULT_LEVELS),
@@ -107,31 +113,45 @@ def main(argv: list[str] | None = None) -> None:
     from benchlib.runs import Selection, measure_all
     from benchlib.stack import Hardware, describe_batching, start_stack, stop_stack
 
+    from serving import eventloop
+    from serving.settings import load_settings
+
     cuda = cuda_available()
     device = "cuda" if args.device == "auto" and cuda else "cpu" if args.device == "auto" else args.device
     num_gpus = args.num_gpus if args.num_gpus is not None else (0.25 if device == "cuda" else 0.0)
     hardware = Hardware(device=device, dtype=args.dtype, num_gpus=num_gpus)
     # The raw baseline encodes batches of the gateway's micro-batch cap: the largest batch the stack forms.
     raw_batch = min(args.concurrency, gateway_batch_cap())
-    cfg = Config(args.concurrency, args.warmup, args.duration, raw_batch, device=device, dtype=args.dtype)
+    cfg = Config(
+        args.concurrency,
+        args.warmup,
+        args.duration,
+        raw_batch,
+        device=device,
+        dtype=args.dtype,
+        cpu_requests=args.cpu_requests,
+        cpu_warmup=args.cpu_warmup,
+    )
     selection = Selection(
         stack_rows=args.rows in ("all", "stack"),
         overhead_models=args.overhead_models if args.rows in ("all", "overhead") else [],
         redis_url=args.redis_url,
         sweep_levels=args.sweep_levels if args.rows in ("all", "sweep") else [],
+        cpu_rows=args.rows in ("all", "cpu"),
     )
     before = machine()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         print("starting Ray and deploying the models...", flush=True)
         started = time.perf_counter()
         try:
-            stack = start_stack(Path(tmp), hardware)
+            stack = start_stack(Path(tmp), hardware, with_plain=selection.stack_rows)
             note = describe_batching(stack) + f"; MiniLM on {device}, {args.dtype}, {num_gpus:g} GPU per replica"
             print(f"deployed in {time.perf_counter() - started:.0f} s; {note}", flush=True)
-            measured, notes = asyncio.run(measure_all(stack, cfg, selection))
+            outcome = eventloop.run(measure_all(stack, cfg, selection), load_settings().event_loop)
         finally:
             stop_stack()
-    report(measured, cfg, [note, *notes], before, args.json, selection.sweep_levels)
+    setup = [note, *outcome.notes]
+    report(outcome.measured, cfg, setup, before, args.json, selection.sweep_levels, outcome.idle_cores)
     print(f"total {time.perf_counter() - started:.0f} s")
 
 

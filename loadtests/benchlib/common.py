@@ -71,6 +71,8 @@ class Config:
     raw_batch: int
     device: str = "cpu"  # "auto": CUDA when present (the registry's default), else CPU
     dtype: str = "float32"  # float16 / bfloat16 take effect on CUDA only (serving.models.runner.resolve_dtype)
+    cpu_requests: int = 3000  # rows CPU: requests measured per row (after cpu_warmup requests of warm-up)
+    cpu_warmup: int = 500
 
 
 @dataclass
@@ -84,6 +86,8 @@ class Measurement:
     completed: int
     seconds: float
     mean_batch: float | None = None
+    cpu_us: float | None = None  # rows CPU: the gateway (bench) process's CPU time per request, µs
+    cpu_cores: float | None = None  # rows CPU: that process's CPU seconds per wall second while measured
 
 
 @dataclass
@@ -96,7 +100,7 @@ class Ratio:
     value: float
     target: float | None
     op: str = "≥"
-    unit: str = ""  # "" for a plain ratio, "ms" for a latency difference
+    unit: str = ""  # "" for a plain ratio, "ms" for a latency difference, "µs" for CPU time per request
 
     @property
     def meets(self) -> bool | None:
@@ -141,6 +145,26 @@ async def drive(
     await asyncio.gather(*(caller(i) for i in range(concurrency)))
     window = [latency for finished, latency in done if start <= finished <= end]
     return LoadStats(completed=len(window), seconds=duration_s, latencies_s=window)
+
+
+async def drive_count(call: Callable[[int], Awaitable[object]], concurrency: int, count: int) -> LoadStats:
+    """``concurrency`` closed-loop callers sending exactly ``count`` calls between them; ``seconds`` is the wall
+    time from the first send to the last completion."""
+    sent_so_far = 0
+    latencies: list[float] = []
+
+    async def caller() -> None:
+        nonlocal sent_so_far
+        while sent_so_far < count:
+            index = sent_so_far
+            sent_so_far += 1
+            sent = time.perf_counter()
+            await call(index)
+            latencies.append(time.perf_counter() - sent)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(min(concurrency, count))))
+    return LoadStats(completed=len(latencies), seconds=time.perf_counter() - started, latencies_s=latencies)
 
 
 def measurement(key: str, label: str, unit: str, stats: LoadStats, items_per_call: int = 1) -> Measurement:

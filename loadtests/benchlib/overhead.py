@@ -160,12 +160,14 @@ async def forget_partner_in_redis(url: str, partner_id: str) -> None:
 
 @dataclass
 class Overhead:
-    """The G gateways, started; ``targets`` maps a variant to its gRPC address."""
+    """The G gateways, started; ``targets`` maps a variant to its gRPC address, ``http_targets`` an ON variant
+    to its HTTP base URL (OFF serves gRPC only)."""
 
     api_key: str
     partner_id: str
     redis_url: str | None
     targets: dict[str, str]
+    http_targets: dict[str, str]
     gateways: list[Any]
     note: str
 
@@ -175,18 +177,31 @@ class Overhead:
             await forget_partner_in_redis(self.redis_url, self.partner_id)
 
 
-async def start_overhead(stack: Stack, store: Any, redis_url: str) -> Overhead:
+async def start_overhead(
+    stack: Stack,
+    store: Any,
+    redis_url: str,
+    only: tuple[str, ...] = ("off", "on", "redis"),
+    partner: str = "bench-metered",
+    data_prefix: str = "g",
+) -> Overhead:
+    """The variants in ``only`` (ON-redis when Redis answers at ``redis_url``), started, with a new partner
+    (named ``partner``: names are unique in the store) on the metered plan; data under ``<data_prefix>-*``."""
     from serving.gateway.app import Gateway
 
-    partner_id, api_key = partner_key(store, "bench-metered", METERED_PLAN)
+    partner_id, api_key = partner_key(store, partner, METERED_PLAN)
     settings = stack.settings
-    variants: dict[str, Any] = {
-        "off": OffGateway(settings, stack.specs, stack.handles),
-        "on": Gateway(dataclasses.replace(settings, data_dir=stack.tmp / "g-on"), stack.specs, stack.handles, store),
-    }
+    variants: dict[str, Any] = {}
+    if "off" in only:
+        variants["off"] = OffGateway(settings, stack.specs, stack.handles)
+    if "on" in only:
+        on_settings = dataclasses.replace(settings, data_dir=stack.tmp / f"{data_prefix}-on")
+        variants["on"] = Gateway(on_settings, stack.specs, stack.handles, store)
     why_not = await redis_reachable(redis_url) if redis_url else "no --redis-url"
-    if why_not is None:
-        redis_settings = dataclasses.replace(settings, data_dir=stack.tmp / "g-redis", redis_url=redis_url)
+    if "redis" not in only:
+        note = "G: ON-redis not asked for"
+    elif why_not is None:
+        redis_settings = dataclasses.replace(settings, data_dir=stack.tmp / f"{data_prefix}-redis", redis_url=redis_url)
         variants["redis"] = Gateway(redis_settings, stack.specs, stack.handles, store)
         note = f"G: ON-redis uses RedisQuota at {redis_url}"
     else:
@@ -200,7 +215,8 @@ async def start_overhead(stack: Stack, store: Any, redis_url: str) -> Overhead:
         await asyncio.gather(*(gateway.stop() for gateway in started), return_exceptions=True)
         raise
     targets = {name: f"127.0.0.1:{gateway.grpc_port}" for name, gateway in variants.items()}
-    return Overhead(api_key, partner_id, redis_url if "redis" in variants else None, targets, started, note)
+    http = {name: f"http://127.0.0.1:{g.http_port}" for name, g in variants.items() if getattr(g, "http_port", 0)}
+    return Overhead(api_key, partner_id, redis_url if "redis" in variants else None, targets, http, started, note)
 
 
 Step = Callable[[], Awaitable[Measurement]]

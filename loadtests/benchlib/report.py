@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib.common import Config, Measurement, Ratio, fmt, mean_of
+from benchlib.cpu import CPU_PREFIX, cpu_json, cpu_means, cpu_notes, cpu_ratios, cpu_table
 from benchlib.overhead import overhead_means, overhead_notes, overhead_ratios
 from benchlib.sweep import SWEEP_PREFIX, sweep_ratios, sweep_table
 
@@ -44,6 +45,7 @@ def baselines(results: dict[str, Measurement]) -> list[Measurement]:
     if "raw-1t#1" in results:
         means.append(mean_of(results, ["raw-1t#1", "raw-1t#2"], "raw-1t", "raw 1-thread baseline (mean of 2 runs)"))
     means += overhead_means(results)
+    means += cpu_means(results)
     results.update({m.key: m for m in means})
     return means
 
@@ -54,7 +56,7 @@ def ratios(results: dict[str, Measurement], levels: list[int]) -> list[Ratio]:
         for label, num, den, target in STACK_RATIOS
         if num in results and den in results
     ]
-    return stack + overhead_ratios(results) + sweep_ratios(results, levels)
+    return stack + overhead_ratios(results) + sweep_ratios(results, levels) + cpu_ratios(results)
 
 
 def noise_notes(results: dict[str, Measurement]) -> list[str]:
@@ -88,7 +90,7 @@ def ratio_table(rows: list[Ratio]) -> str:
     lines = ["| ratio | value | target | verdict |", "|---|---:|---:|---|"]
     for r in rows:
         unit = f" {r.unit}" if r.unit else ""
-        value = f"{r.value:+.2f}{unit}" if r.unit else f"{r.value:.2f}"
+        value = f"{r.value:.0f}{unit}" if r.unit == "µs" else f"{r.value:+.2f}{unit}" if r.unit else f"{r.value:.2f}"
         target = "-" if r.target is None else f"{r.op} {r.target:g}{unit}"
         verdict = {None: "-", True: "meets", False: "BELOW target" if r.op == "≥" else "ABOVE target"}[r.meets]
         lines.append(f"| {r.label} | {value} | {target} | {verdict} |")
@@ -111,8 +113,11 @@ def report(
     before: dict[str, Any],
     json_path: Path | None,
     levels: list[int],
+    idle_cores: dict[str, float] | None = None,
 ) -> None:
-    """``setup`` holds the lines describing the configuration (batching first); ``levels`` the sweep's."""
+    """``setup`` holds the lines describing the configuration (batching first); ``levels`` the sweep's;
+    ``idle_cores`` the bench process's CPU rate with no load, per CPU-row variant."""
+    idle = idle_cores or {}
     results = {m.key: m for m in measured}
     means = baselines(results)
     table = ratios(results, levels)
@@ -129,17 +134,28 @@ def report(
     for line in setup:
         print(line)
     print()
-    print(measurement_table([m for m in measured if not m.key.startswith(SWEEP_PREFIX)]))
+    if any(m.key.startswith(CPU_PREFIX) for m in measured):
+        print(
+            f"CPU rows: {cfg.cpu_warmup} requests of warm-up, then {cfg.cpu_requests} measured, "
+            f"concurrency {cfg.concurrency} (and 1 where marked)"
+        )
     print()
+    if main_rows := [m for m in measured if not m.key.startswith((SWEEP_PREFIX, CPU_PREFIX))]:
+        print(measurement_table(main_rows))
+        print()
     if any(m.key.startswith(SWEEP_PREFIX) for m in measured):
         print(sweep_table(results, levels))
         print()
+    if any(m.key.startswith(CPU_PREFIX) for m in measured):
+        print(cpu_table(results, idle))
+        print()
     for base in means:
         latency = f", p50 {base.p50_ms:.1f} ms (mean of the runs' p50)" if base.key.startswith("G") else ""
-        print(f"{base.label}: {base.rate:.1f} {base.unit}{latency}")
+        cpu = "" if base.cpu_us is None else f", {base.cpu_us:.0f} µs CPU per request"
+        print(f"{base.label}: {base.rate:.1f} {base.unit}{latency}{cpu}")
     print()
     print(ratio_table(table))
-    notes = noise_notes(results)
+    notes = noise_notes(results) + cpu_notes(results, idle)
     for note_line in notes:
         print(f"note: {note_line}")
     if json_path is not None:
@@ -150,6 +166,7 @@ def report(
             "baselines": [asdict(m) for m in means],
             "ratios": [asdict(r) | {"meets": r.meets} for r in table],
             "notes": notes,
+            "cpu": cpu_json(results, idle),
         }
         json_path.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"\nwrote {json_path}")

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from benchlib.common import EMBED_MODEL, NOOP_MODEL, Config, Measurement
+from benchlib.cpu import VARIANT_DOORS, CpuRow, cpu_steps, echo_row, idle_cores, variant_rows
 from benchlib.overhead import LATENCY_PREFIX, Overhead, overhead_steps, start_overhead
 from benchlib.plain import plain_run
 from benchlib.stack import Stack, echo_payload, open_store, start_echo_server, unlimited_key
@@ -128,27 +129,72 @@ def unbatched_settings(stack: Stack) -> Any:
     return dataclasses.replace(stack.settings, data_dir=stack.tmp / "unbatched", batching=batching)
 
 
+@dataclass
+class CpuOutcome:
+    measured: list[Measurement]
+    idle_cores: dict[str, float]  # variant (or "echo") → this process's CPU s per wall s with no load
+    notes: list[str]
+
+
+async def measure_cpu(stack: Stack, store: Any, echo: str, redis_url: str, cfg: Config) -> CpuOutcome:
+    """Rows CPU (see ``benchlib.cpu``): the echo first and last; between them each variant's rows with only
+    that variant's gateway alive in this process (started here, stopped after its rows)."""
+
+    async def wrap(row: CpuRow, run: Awaitable[Measurement]) -> Measurement:
+        return await (run if row.handle_model is None else with_batch_stats(stack.handles[row.handle_model], run))
+
+    def steps(rows: list[CpuRow], api_key: str) -> list[Step]:
+        return cpu_steps(rows, api_key, cfg, stack.tmp / "access.log", wrap)
+
+    out = CpuOutcome([], {"echo": await idle_cores()}, [])
+    out.measured += await run_plan(steps([echo_row(1, echo, cfg)], ""))
+    for variant in VARIANT_DOORS:
+        overhead = await start_overhead(
+            stack, store, redis_url, only=(variant,), partner=f"bench-cpu-{variant}", data_prefix="cpu"
+        )
+        try:
+            if variant not in overhead.targets:
+                out.notes.append(f"CPU: ON (Redis quota) rows skipped: {overhead.note}")
+                continue
+            out.idle_cores[variant] = await idle_cores()
+            out.measured += await run_plan(steps(variant_rows(variant, overhead, cfg), overhead.api_key))
+        finally:
+            await overhead.stop()
+    out.measured += await run_plan(steps([echo_row(2, echo, cfg)], ""))
+    return out
+
+
 async def run_plan(plan: list[Step]) -> list[Measurement]:
     results: list[Measurement] = []
     for step in plan:
         result = await step()
-        print(f"  {result.key:<11} {result.rate:9.1f} {result.unit:<8} {result.label}", flush=True)
+        cpu = "" if result.cpu_us is None else f"  [{result.cpu_us:.0f} µs CPU/request]"
+        print(f"  {result.key:<17} {result.rate:9.1f} {result.unit:<8} {result.label}{cpu}", flush=True)
         results.append(result)
     return results
 
 
 @dataclass(frozen=True)
 class Selection:
-    """What to run: the whole-stack rows, and the G rows on which models (with Redis at which URL)."""
+    """What to run: the whole-stack rows, the G rows on which models (with Redis at which URL), the sweep, the
+    CPU rows."""
 
     stack_rows: bool
     overhead_models: list[str]
     redis_url: str
     sweep_levels: list[int]  # empty: no sweep
+    cpu_rows: bool = False
 
 
-async def measure_all(stack: Stack, cfg: Config, selection: Selection) -> tuple[list[Measurement], list[str]]:
-    """Starts every gateway, runs the plan, stops them; returns the rows and setup notes."""
+@dataclass
+class Outcome:
+    measured: list[Measurement]
+    notes: list[str]  # setup notes
+    idle_cores: dict[str, float]  # rows CPU: the bench process's CPU s per wall s with no load, per variant
+
+
+async def measure_all(stack: Stack, cfg: Config, selection: Selection) -> Outcome:
+    """Starts every gateway, runs the plan, stops them; then the CPU rows, which start their own."""
     from serving.gateway.app import Gateway
 
     store = open_store(stack.tmp / "serving.db")
@@ -159,14 +205,25 @@ async def measure_all(stack: Stack, cfg: Config, selection: Selection) -> tuple[
     if selection.sweep_levels:
         gateways.append(Gateway(sweep_settings(stack, selection.sweep_levels), stack.specs, stack.handles, store))
     echo: grpc.aio.Server | None = None
+    echo_port = 0
     overhead: Overhead | None = None
     notes: list[str] = []
+
+    async def stop_gateways() -> None:
+        nonlocal overhead
+        await asyncio.gather(*(gateway.stop() for gateway in gateways))
+        gateways.clear()
+        if overhead is not None:
+            await overhead.stop()
+            overhead = None
+
     try:
         plan: list[Step] = []
         for gateway in gateways if selection.stack_rows else gateways[2:]:
             await gateway.start()
-        if selection.stack_rows:
+        if selection.stack_rows or selection.cpu_rows:
             echo, echo_port = await start_echo_server(echo_payload())
+        if selection.stack_rows:
             targets = Targets(
                 api_key=unlimited_key(store, "bench"),
                 stack=f"127.0.0.1:{gateways[0].grpc_port}",
@@ -182,11 +239,14 @@ async def measure_all(stack: Stack, cfg: Config, selection: Selection) -> tuple[
         if selection.sweep_levels:
             target = f"127.0.0.1:{gateways[2].grpc_port}"
             plan += build_sweep_plan(stack, unlimited_key(store, "bench-sweep"), target, selection.sweep_levels, cfg)
-        return await run_plan(plan), notes
+        measured = await run_plan(plan)
+        await stop_gateways()
+        if not selection.cpu_rows:
+            return Outcome(measured, notes, {})
+        cpu = await measure_cpu(stack, store, f"127.0.0.1:{echo_port}", selection.redis_url, cfg)
+        return Outcome(measured + cpu.measured, notes + cpu.notes, cpu.idle_cores)
     finally:
         if echo is not None:
             await echo.stop(0)
-        await asyncio.gather(*(gateway.stop() for gateway in gateways))
-        if overhead is not None:
-            await overhead.stop()
+        await stop_gateways()
         store.close()

@@ -98,8 +98,8 @@ def init_local_ray() -> None:
     )
 
 
-def start_stack(tmp: Path, hardware: Hardware) -> Stack:
-
+def start_stack(tmp: Path, hardware: Hardware, with_plain: bool = True) -> Stack:
+    """A local Ray with the stack's model deployments and (``with_plain``) plain Serve's."""
     from serving.models.deployment import deploy_models
     from serving.models.registry import load_registry
     from serving.models.sources import resolve_model_dir
@@ -122,6 +122,8 @@ def start_stack(tmp: Path, hardware: Hardware) -> Stack:
     http_port = free_port()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
     handles = deploy_models(specs, CACHE_DIR, APP_PREFIX)
+    if not with_plain:
+        return Stack(tmp, settings, specs, handles, {}, {}, model_dir)
     noop_place = PlainPlacement(num_cpus=0.25)
     minilm_place = PlainPlacement(0.5, hardware.num_gpus, hardware.device, hardware.dtype)
     # Logical CPUs only (every replica runs 1 torch thread): the HTTP copies ask for 0.1 so that all

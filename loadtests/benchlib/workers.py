@@ -1,24 +1,41 @@
 """Load generation in subprocesses (``bench.py --worker JOB``), so a measured server never shares its event
 loop (or its GIL) with the client that loads it.
 
-Three kinds of job: ``load`` (a ``serving.client.AsyncClient`` on one grpc.aio channel, ``concurrency``
+Four kinds of job: ``load`` (a ``serving.client.AsyncClient`` on one grpc.aio channel, ``concurrency``
 closed-loop callers of one-text Embed requests), ``http`` (an ``httpx.AsyncClient`` posting one text per
-request to plain Serve's HTTP proxy) and ``raw`` (the MiniLM runner alone, encoding batches).
+request to plain Serve's HTTP proxy), ``raw`` (the MiniLM runner alone, encoding batches) and ``phased``
+(one-text embeds through a gateway's chosen front door, in phases the parent paces over stdin/stdout:
+warm-up, ``WARM``; on ``GO`` the measured phase, ``DONE``; on ``STOP`` the client closes; see ``phased_run``).
 Each prints one ``RESULT {json}`` line that the parent reads back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchlib.common import ENTRY_SCRIPT, RAY_ENV, SENTENCES, Config, LoadStats, Measurement, drive, measurement
+from benchlib.common import (
+    ENTRY_SCRIPT,
+    RAY_ENV,
+    SENTENCES,
+    Config,
+    LoadStats,
+    Measurement,
+    drive,
+    drive_count,
+    measurement,
+)
+
+Call = Callable[[int], Awaitable[object]]
+DOORS = ("grpc", "http", "openai")  # the gateway's front doors: gRPC Embed, POST /v1/embed, POST /v1/embeddings
 
 
 async def load_worker(job: dict[str, Any]) -> LoadStats:
@@ -70,6 +87,58 @@ def raw_worker(job: dict[str, Any]) -> LoadStats:
     return LoadStats(completed=len(latencies), seconds=sum(latencies) or 1.0, latencies_s=latencies)
 
 
+@contextlib.asynccontextmanager
+async def door_caller(door: str, target: str, api_key: str, model: str, connections: int) -> AsyncIterator[Call]:
+    """``call(index)`` embedding one text through ``door``; ``target`` is host:port for gRPC (one channel), the
+    gateway's base URL for the HTTP doors (``connections`` keep-alive connections)."""
+    if door == "grpc":
+        from serving.client import AsyncClient
+
+        async with AsyncClient(target, api_key) as client:
+
+            async def call(index: int) -> None:
+                await client.embed([SENTENCES[index % len(SENTENCES)]], model=model)
+
+            yield call
+        return
+    import httpx
+
+    path, field = {"http": ("/v1/embed", "texts"), "openai": ("/v1/embeddings", "input")}[door]
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(base_url=target, headers=headers, limits=limits, timeout=60.0) as http:
+
+        async def post(index: int) -> None:
+            response = await http.post(path, json={"model": model, field: [SENTENCES[index % len(SENTENCES)]]})
+            response.raise_for_status()
+
+        yield post
+
+
+async def wait_for(word: str) -> None:
+    line = await asyncio.to_thread(sys.stdin.readline)
+    if line.strip() != word:
+        raise SystemExit(f"expected {word!r} from the parent, got {line!r}")
+
+
+async def phased_worker(job: dict[str, Any]) -> LoadStats:
+    """Warm-up of ``warmup`` requests, then on GO exactly ``requests`` requests (or, with ``seconds``, as many
+    as fit in that time), all at ``concurrency``; the client stays open until STOP so its teardown is not
+    measured."""
+    c = job["concurrency"]
+    async with door_caller(job["door"], job["target"], job["api_key"], job["model"], c) as call:
+        await drive_count(call, c, job["warmup"])
+        print("WARM", flush=True)
+        await wait_for("GO")
+        if job.get("seconds"):
+            stats = await drive(call, c, 0.0, job["seconds"])
+        else:
+            stats = await drive_count(call, c, job["requests"])
+        print("DONE", flush=True)
+        await wait_for("STOP")
+    return stats
+
+
 def run_worker(raw_job: str) -> None:
     """The body of a worker subprocess."""
     job = json.loads(raw_job)
@@ -77,6 +146,8 @@ def run_worker(raw_job: str) -> None:
         stats = asyncio.run(load_worker(job))
     elif job["kind"] == "http":
         stats = asyncio.run(http_worker(job))
+    elif job["kind"] == "phased":
+        stats = asyncio.run(phased_worker(job))
     else:
         stats = raw_worker(job)
     print("RESULT " + json.dumps(asdict(stats)), flush=True)
@@ -144,3 +215,63 @@ async def raw_run(key: str, model_dir: Path, threads: int, batch: int, cfg: Conf
     result = measurement(key, label, "texts/s", await spawn_worker(job), items_per_call=batch)
     result.mean_batch = float(batch)
     return result
+
+
+@dataclass
+class Phased:
+    """A phased run: the client's view of the measured phase, and this process's CPU and wall time over it."""
+
+    load: LoadStats
+    cpu_s: float
+    wall_s: float
+
+
+async def phased_run(job: dict[str, Any], on_warm: Callable[[], Awaitable[None]] | None = None) -> Phased:
+    """Runs a ``phased`` worker and snapshots ``time.process_time()`` (every thread of this process: the
+    gateways, Ray's core-worker threads of the handle path) between WARM and DONE. ``on_warm`` runs after the
+    warm-up, before the measured phase and outside its CPU window (the profiler starts py-spy there)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ENTRY_SCRIPT),
+        "--worker",
+        json.dumps({**job, "kind": "phased"}),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **RAY_ENV},
+    )
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    stdin, stdout = proc.stdin, proc.stdout
+    errors = asyncio.create_task(proc.stderr.read())  # drained all along: a full pipe would stall the worker
+
+    async def expect(word: str) -> None:
+        while (line := await stdout.readline()).decode().strip() != word:
+            if not line:
+                raise EOFError(f"worker exited before {word}")
+
+    async def send(word: str) -> None:
+        stdin.write(f"{word}\n".encode())
+        await stdin.drain()
+
+    try:
+        await expect("WARM")
+        if on_warm is not None:
+            await on_warm()
+        wall, cpu = time.perf_counter(), time.process_time()
+        await send("GO")
+        await expect("DONE")
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        await send("STOP")
+        out = await stdout.read()
+        await proc.wait()
+    except Exception as exc:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise RuntimeError(f"phased worker failed ({exc}):\n{(await errors).decode()[-4000:]}") from exc
+    lines = [line for line in out.decode().splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"phased worker failed (exit {proc.returncode}):\n{(await errors).decode()[-4000:]}")
+    await errors
+    data = json.loads(lines[-1].removeprefix("RESULT "))
+    return Phased(LoadStats(data["completed"], data["seconds"], data["latencies_s"]), cpu, wall)

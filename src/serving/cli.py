@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from serving import eventloop
 from serving.cli_admin import add_admin_commands
 from serving.gateway.workers import DRAINED_LINE, PortInUse, Supervisor, ready_line, reserve_port, worker_specs
 from serving.models.registry import load_registry
@@ -318,7 +319,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         if settings.workers > 1:  # the workers attach to this Ray instance as drivers of their own
             code = asyncio.run(_supervise(settings, ray.get_runtime_context().gcs_address, key))
         else:
-            asyncio.run(_serve_until_signal(settings, handles, store, key))
+            eventloop.run(_serve_until_signal(settings, handles, store, key), settings.event_loop)
     finally:
         serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
@@ -341,7 +342,7 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     _ray_init(address=settings.ray_address or "auto", logging_level=logging.WARNING, namespace="serve")
     try:
         handles = attach_models(load_registry(settings.model_registry), settings.serve_app_name)
-        asyncio.run(_serve_until_signal(settings, handles, store, None, worker=args.worker))
+        eventloop.run(_serve_until_signal(settings, handles, store, None, worker=args.worker), settings.event_loop)
     finally:
         ray.shutdown()
         store.close()

@@ -274,12 +274,12 @@ def thread_cpu() -> dict[int, tuple[str, float]]:
 def report_threads(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], requests: int) -> str:
     """Every thread's CPU over the profiled window, grouped by thread name: what py-spy's GIL view cannot show
     (grpc's C core and Ray's C++ core-worker threads run without the GIL)."""
-    by_name: Counter[str] = Counter()
+    by_name: dict[str, float] = {}
     for tid, (name, cpu) in after.items():
-        by_name[name] += cpu - before.get(tid, (name, 0.0))[1]
+        by_name[name] = by_name.get(name, 0.0) + cpu - before.get(tid, (name, 0.0))[1]
     total = sum(by_name.values()) or 1.0
     lines = [f"CPU by thread (all threads, /proc; {total:.2f} s in all)", "   %    µs/req  thread"]
-    for name, cpu in by_name.most_common(15):
+    for name, cpu in sorted(by_name.items(), key=lambda item: -item[1])[:15]:
         lines.append(f"{100 * cpu / total:5.1f} {1e6 * cpu / max(requests, 1):8.0f}  {name}")
     return "\n".join(lines)
 

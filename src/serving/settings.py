@@ -103,6 +103,9 @@ class Settings:
     replica_poll_interval_s: float = 5.0  # how often the gateway reads replica counts and generation load (metrics)
     access_log: bool = True  # one JSON line per request on stderr (logger serving.access)
     event_loop: str = "uvloop"  # the gateway's event loop: "uvloop" (less CPU per request) or "asyncio"
+    # How handle calls reach the model replicas: Serve's gRPC transport ("grpc", decision 0010) or Ray actor calls
+    # ("actor", Serve's default; the switch back should a Ray upgrade change the private option underneath).
+    ray_transport: str = "grpc"
     tracing_exporter: str = "off"  # OpenTelemetry: "off", "console" or "otlp" (gRPC, to otlp_endpoint)
     otlp_endpoint: str | None = None  # e.g. http://otel-collector:4317; None: the exporter's default / OTEL_* env
     trace_sample_ratio: float = 1.0  # share of new traces sampled; a partner's sampled traceparent is followed
@@ -148,6 +151,8 @@ class Settings:
             raise SettingsError("http_timeout_s must be > 0, shutdown_grace_s and final_scrape_wait_s >= 0")
         if self.batching.max_batch_size < 1 or self.batching.max_wait_ms < 0:
             raise SettingsError("batching needs max_batch_size >= 1 and max_wait_ms >= 0")
+        if self.ray_transport not in ("grpc", "actor"):
+            raise SettingsError(f"ray_transport must be 'grpc' or 'actor'; got {self.ray_transport!r}")
         if self.event_loop not in ("uvloop", "asyncio"):
             raise SettingsError(f"event_loop must be 'uvloop' or 'asyncio'; got {self.event_loop!r}")
         if self.quota_failure_policy not in ("closed", "open"):

@@ -144,7 +144,11 @@ class Gateway:
         )
         self.store = store
         self.router = Router(
-            build_routes(specs, handles, settings.models_cache), settings.batching, self.metrics, self.tracing
+            build_routes(specs, handles, settings.models_cache),
+            settings.batching,
+            self.metrics,
+            self.tracing,
+            grpc_transport=settings.ray_transport == "grpc",
         )
         self.redis = build_redis(settings)
         self.quota = build_quota(settings, self.metrics, self.redis)

@@ -105,11 +105,16 @@ class Router:
         batching: Batching,
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
+        grpc_transport: bool = True,
     ) -> None:
         self.routes = routes
         if metrics is not None:
             metrics.init_models(list(routes))
         for route in routes.values():
+            if grpc_transport:
+                # Serve's gRPC transport to the replicas instead of Ray actor calls: half the gateway's CPU per
+                # handle call and ~1.5 ms less latency, with Serve's routing kept (decision 0010).
+                route.handle = route.handle.options(_by_reference=False)
             route.metrics = metrics
             route.max_batch_size = batching.max_batch_size
             route.tracing = tracing or Tracing.disabled()

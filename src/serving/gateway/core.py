@@ -270,7 +270,7 @@ class Core:
     # --- shared steps ---------------------------------------------------------------------------------
 
     def _begin(self, operation: str, model: str) -> Call:
-        self._metrics.in_flight.labels(operation).inc()
+        self._metrics.child(self._metrics.in_flight, operation).inc()
         self._active += 1
         self._idle.clear()
         return Call(operation, model)
@@ -439,18 +439,18 @@ class Core:
 
     def _observe(self, call: Call, elapsed: float) -> None:
         metrics = self._metrics
-        metrics.in_flight.labels(call.operation).dec()
+        metrics.child(metrics.in_flight, call.operation).dec()
         # The model label is whatever the client sent: names outside the registry share one series.
         model = call.model if call.model in self._router.routes else "unknown"
-        metrics.requests.labels(model, call.operation, call.status).inc()
-        metrics.latency.labels(model, call.operation).observe(elapsed)
+        metrics.child(metrics.requests, model, call.operation, call.status).inc()
+        metrics.child(metrics.latency, model, call.operation).observe(elapsed)
         if call.queued:
-            metrics.queue_wait.labels(call.model).observe(call.queue_s)
+            metrics.child(metrics.queue_wait, call.model).observe(call.queue_s)
         if call.caller is not None and call.reservation is not None:
             partner = call.caller.partner_id
-            metrics.partner_requests.labels(partner, call.model, call.operation, call.status).inc()
-            metrics.partner_tokens.labels(partner, call.model, "input").inc(call.usage.input_tokens)
-            metrics.partner_tokens.labels(partner, call.model, "output").inc(call.usage.output_tokens)
+            metrics.child(metrics.partner_requests, partner, call.model, call.operation, call.status).inc()
+            metrics.child(metrics.partner_tokens, partner, call.model, "input").inc(call.usage.input_tokens)
+            metrics.child(metrics.partner_tokens, partner, call.model, "output").inc(call.usage.output_tokens)
             if call.operation == "generate":
                 metrics.generated_tokens.labels(call.model).inc(call.usage.output_tokens)
         if call.quota_reason:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -36,6 +37,7 @@ GPU_METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "serving_requests_total",
             "Requests finished, by model, operation and final status.",
@@ -180,6 +182,15 @@ class Metrics:
         if _cuda_available():
             self.registry.register(GpuCollector())
 
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, remembered: the request path skips prometheus_client's per-call lock and
+        label checks. No series is ever removed, so a remembered child stays the one the registry exports."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
     def init_models(self, models: list[str]) -> None:
         """Creates every model's reason series at zero, so that rate() and alerts see them before the first event."""
         for model in models:

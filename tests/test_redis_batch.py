@@ -68,6 +68,21 @@ async def test_a_turn_of_reservations_is_one_round_trip_in_arrival_order(batch: 
     assert await attempt(quota, who) is None  # settling refunds tokens, never the request count
 
 
+async def test_settlements_ride_with_the_next_reservation_and_land_before_it(batch: RedisBatch) -> None:
+    quota = RedisQuota(batch, timeout_s=2.0)
+    who = caller(max_concurrent=1)
+    held = await attempt(quota, who)
+    assert held is not None and await attempt(quota, who) is None  # the one slot is taken
+    before = batch.batches
+    # The settlement opens no round trip: the reservation made right after it carries both, settlement first.
+    _, again = await asyncio.gather(quota.settle(held, 1), attempt(quota, who))
+    assert again is not None and batch.batches - before == 1
+    before = batch.batches
+    await quota.settle(again, 1)  # alone: it leaves after at most LAZY_S
+    assert batch.batches - before == 1
+    assert await attempt(quota, who) is not None
+
+
 async def test_quota_and_idempotency_claims_share_the_round_trip(batch: RedisBatch) -> None:
     quota = RedisQuota(batch, timeout_s=2.0)
     keys = RedisIdempotency(batch, ttl_s=60.0, max_bytes=1024, running_ttl_s=30.0)

@@ -9,7 +9,6 @@ failure policy: running it without its claim could run it twice. Requests withou
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import uuid
 from typing import Any
@@ -70,14 +69,12 @@ class RedisIdempotency:
         self._batch = RedisBatch(redis, timeout_s=timeout_s) if isinstance(redis, str) else redis
         for name, body in (("idem_begin", _BEGIN), ("idem_finish", _FINISH), ("idem_release", _RELEASE)):
             self._batch.register(name, body)
-        self._timeout_s = timeout_s
         self._ttl_ms = int(ttl_s * 1000)
         self._running_ms = int(running_ttl_s * 1000)
         self._max_bytes = max_bytes
 
     async def _call(self, name: str, key: str, args: list[Any]) -> Any:
-        async with asyncio.timeout(self._timeout_s):
-            return await self._batch.call(name, [key], args)
+        return await self._batch.call(name, [key], args)  # bounded by the connection's timeout per round trip
 
     async def begin(self, partner_id: str, key: str, fingerprint: str) -> Claim:
         try:

@@ -162,7 +162,6 @@ class RedisQuota:
         self._batch = RedisBatch(redis, timeout_s=timeout_s) if isinstance(redis, str) else redis
         self._batch.register("quota_reserve", _RESERVE)
         self._batch.register("quota_settle", _SETTLE)
-        self._timeout_s = timeout_s
         self._clock = clock  # window and lease times come from the gateway's clock
         self._lease_ms = int(lease_s * 1000)
         self._fail_open = fail_open
@@ -180,11 +179,10 @@ class RedisQuota:
         while self._retrier is not None and not self._retrier.done():
             await asyncio.shield(self._retrier)
 
-    async def _bounded(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """One operation (in the next batch, with its reconnect or NOSCRIPT reload) within timeout_s, or
-        TimeoutError."""
-        async with asyncio.timeout(self._timeout_s):
-            return await self._batch.call(name, keys, args)
+    async def _call(self, name: str, keys: list[str], args: list[Any], *, lazy: bool = False) -> Any:
+        """One operation in the next batch. Its wait is bounded by the connection's timeout_s per round trip
+        (the batch in flight, then its own): a hung Redis fails it with TimeoutError, as it fails the batch."""
+        return await self._batch.call(name, keys, args, lazy=lazy)
 
     def _unreachable(self, exc: Exception) -> None:
         log.warning("quota store unreachable: %s", exc)
@@ -204,7 +202,7 @@ class RedisQuota:
         ]  # fmt: skip
         unreserved = Reservation(caller.partner_id, reservation_id, tokens, month, None, bucket)
         try:
-            result = await self._bounded("quota_reserve", _keys(caller.partner_id, month), args)
+            result = await self._call("quota_reserve", _keys(caller.partner_id, month), args)
         except _UNREACHABLE as exc:
             if not isinstance(exc, RedisConnectionError):  # no answer: Redis may have applied it; release it
                 self._retry_later(unreserved, 0)
@@ -238,7 +236,7 @@ class RedisQuota:
     async def _settle_once(self, reservation: Reservation, actual_tokens: int) -> None:
         win, _bkt, lease, month = _keys(reservation.partner_id, reservation.month)
         args = [reservation.reservation_id, reservation.tokens, actual_tokens, reservation.bucket]
-        await self._bounded("quota_settle", [win, lease, month], args)
+        await self._call("quota_settle", [win, lease, month], args, lazy=True)
 
     def _retry_later(self, reservation: Reservation, actual_tokens: int) -> None:
         if len(self._pending) >= _MAX_PENDING_SETTLES:

@@ -5,7 +5,10 @@ during one turn of the event loop (and those that arrive while a batch is in fli
 EVALSHA of a script that runs them one after another in arrival order. Redis runs a script atomically, so the batch
 is applied as a whole, in order, with no other client's command in between: limits stay exact across gateway
 replicas exactly as with one script call per operation. Only one batch is in flight per gateway, which keeps the
-order across batches too, and under load turns N round trips into one.
+order across batches too, and under load turns N round trips into one. Settlements are lazy: nobody waits on them,
+so they open no round trip of their own but ride with the next reservation (at most ``LAZY_S`` later). A lazy
+operation is still queued in arrival order, so a partner's settlement always reaches Redis before its own next
+reservation: a client at its concurrency limit that sends its next request as soon as one ends is not refused.
 
 Every key an operation touches is passed in KEYS. In a Redis Cluster a batch spanning partners would cross hash
 slots; this module targets one Redis primary (or a proxy that keeps a script on one node), as the gateway does.
@@ -33,6 +36,7 @@ from serving.storage.resp import RespConnection
 log = logging.getLogger("serving.redis")
 
 MAX_BATCH = 512  # operations per script call; more wait for the next one (bounds one call's time in Redis)
+LAZY_S = 0.005  # the longest a lazy operation (a settlement) waits for a batch to ride with
 
 _DISPATCH = """
 local results, ki, ai = {}, 1, 2
@@ -60,6 +64,7 @@ class _Op:
     keys: Sequence[str]
     args: Sequence[Any]
     future: asyncio.Future[Any]
+    lazy: bool
 
 
 def _script(functions: dict[str, str]) -> str:
@@ -78,6 +83,8 @@ class RedisBatch:
         self._sha = ""
         self._queue: list[_Op] = []
         self._sender: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
         self.batches = 0  # script calls made, and operations they carried (what the benchmark reports)
         self.operations = 0
 
@@ -89,20 +96,37 @@ class RedisBatch:
         self._source = _script(self._functions)
         self._sha = hashlib.sha1(self._source.encode()).hexdigest()
 
-    def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> asyncio.Future[Any]:
-        """Queues one operation; the future gets its result (or the batch's exception)."""
+    def call(self, name: str, keys: Sequence[str], args: Sequence[Any], *, lazy: bool = False) -> asyncio.Future[Any]:
+        """Queues one operation; the future gets its result (or the batch's exception). A ``lazy`` operation (one
+        nobody waits on, such as a settlement) opens no round trip of its own: it rides with the next batch, or
+        leaves after ``LAZY_S`` when nothing else comes."""
         if name not in self._functions:
             raise KeyError(f"no Redis function {name!r} registered")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append(_Op(name, keys, args, future))
-        if self._sender is None or self._sender.done():
-            # Starts on the next turn: every call made during this turn joins the first batch.
-            self._sender = loop.create_task(self._send_all())
+        self._queue.append(_Op(name, keys, args, future, lazy))
+        if self._sender is not None and not self._sender.done():
+            return future  # the sender takes it with its next batch
+        if not lazy:
+            self._start()  # on the next turn: every call made during this turn joins the batch
+        elif self._timer is None:
+            self._timer = loop.call_later(LAZY_S, self._start, True)
         return future
 
-    async def _send_all(self) -> None:
+    def _start(self, flush_lazy: bool = False) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._queue and (self._sender is None or self._sender.done()):
+            self._sender = asyncio.get_running_loop().create_task(self._send_all(flush_lazy))
+
+    async def _send_all(self, flush_lazy: bool) -> None:
         while self._queue:
+            if not (flush_lazy or self._closing) and all(op.lazy for op in self._queue):
+                if self._timer is None:  # only lazy ones left: they wait for company, or for the timer
+                    self._timer = asyncio.get_running_loop().call_later(LAZY_S, self._start, True)
+                return
+            flush_lazy = False
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             # A caller that gave up before its operation left (cancelled) is dropped: nothing was applied.
             batch = [op for op in batch if not op.future.done()]
@@ -148,6 +172,9 @@ class RedisBatch:
         return list(replies)
 
     async def close(self) -> None:
-        if self._sender is not None and not self._sender.done():
+        """Sends what is queued (lazy operations too), then closes the connection."""
+        self._closing = True
+        self._start(flush_lazy=True)
+        while self._sender is not None and not self._sender.done():
             await asyncio.gather(self._sender, return_exceptions=True)
         self._redis.close()

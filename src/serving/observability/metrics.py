@@ -182,7 +182,6 @@ class Metrics:
         if _cuda_available():
             self.registry.register(GpuCollector())
 
-
     def child(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, remembered: the request path skips prometheus_client's per-call lock and
         label checks. No series is ever removed, so a remembered child stays the one the registry exports."""
@@ -191,6 +190,7 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
     def init_models(self, models: list[str]) -> None:
         """Creates every model's reason series at zero, so that rate() and alerts see them before the first event."""
         for model in models:

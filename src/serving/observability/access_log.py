@@ -52,7 +52,12 @@ def write(
         "peer": peer,
         "correlation_id": correlation_id,  # the caller's x-request-id, when it sent one
     }
-    logger.info(json.dumps(line, separators=(",", ":")))
+    text = json.dumps(line, separators=(",", ":"))
+    for handler in logger.handlers:
+        if isinstance(handler, _Lines):  # configured for serving: straight onto the writer's queue, no LogRecord
+            handler.put(text)
+            return
+    logger.info(text)
 
 
 class _Lines(logging.Handler):
@@ -62,6 +67,9 @@ class _Lines(logging.Handler):
     def __init__(self, lines: queue.SimpleQueue[str | None]) -> None:
         super().__init__()
         self._lines = lines
+
+    def put(self, line: str) -> None:
+        self._lines.put(line)
 
     def handle(self, record: logging.LogRecord) -> bool:  # no handler lock, no filters: only the put
         self._lines.put(str(record.msg))

@@ -23,6 +23,9 @@ It starts Ray, deploys MiniLM and a no-op model through ``serving.models.deploym
      after a warm-up), everything ON (MemoryQuota, then RedisQuota; access log on) over gRPC, native HTTP
      (POST /v1/embed) and the OpenAI route (POST /v1/embeddings), next to the bare grpc.aio echo server's
      (target: ≤ 300 µs with the Redis quota); also OFF over gRPC and ON-redis at concurrency 1
+  W  the real ``serving gateway --workers N`` process (N = 1, 2: W1, W2, W2, W1) attached to this Ray cluster,
+     Redis quota, metered partner, no-op model from one client on 8 gRPC channels: W2 ÷ W1 throughput (no
+     target; on 2 cores the replica, Ray and the client compete with the gateways), p50, the workers' CPU per request
 
 The same command runs on a CUDA machine: ``--device auto`` (the default) puts MiniLM (stack replica, plain
 Serve, raw baseline) on the GPU when torch sees one, ``--dtype float16|bfloat16`` picks half precision there,
@@ -32,7 +35,7 @@ Load clients and the raw model run in subprocesses of this script (``--worker``)
 shares its event loop with the client that loads it. Nothing is asserted: it prints ratios (and latencies).
 The code is in ``loadtests/benchlib``: common (types, texts, load driver), workers (client and raw-model
 subprocesses), plain (option C), stack (Ray, deployments, echo server, partners), overhead (rows G),
-cpu (rows CPU), runs (the plan and the gateways' lifetime), report (tables and JSON).
+cpu (rows CPU), scaleout (rows W), runs (the plan and the gateways' lifetime), report (tables and JSON).
 ``loadtests/profile_gateway.py`` profiles the same gateway under load with py-spy.
 """
 
@@ -56,9 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds measured per row")
     parser.add_argument(
         "--rows",
-        choices=("all", "stack", "overhead", "sweep", "cpu"),
+        choices=("all", "stack", "overhead", "sweep", "cpu", "workers"),
         default="all",
-        help="stack: echo/raw/A/B/C/C-http/A0/B0; overhead: G; sweep: S; cpu: gateway CPU per request",
+        help="stack: echo/raw/A/B/C/C-http/A0/B0; overhead: G; sweep: S; cpu: gateway CPU per request; "
+        "workers: W1/W2 (serving gateway --workers 1 and 2)",
     )
     parser.add_argument("--cpu-requests", type=int, default=3000, help="requests measured per CPU row")
     parser.add_argument("--cpu-warmup", type=int, default=500, help="requests of warm-up before each CPU row")
@@ -76,7 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated models for the G rows: {NOOP_MODEL} (default), {EMBED_MODEL} (adds the GM rows)",
     )
     parser.add_argument(
-        "--redis-url", default="redis://127.0.0.1:6379/0", help="RedisQuota for the G ON-redis rows ('' skips them)"
+        "--redis-url",
+        default="redis://127.0.0.1:6379/0",
+        help="RedisQuota for the G ON-redis and the W rows ('' skips them)",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         redis_url=args.redis_url,
         sweep_levels=args.sweep_levels if args.rows in ("all", "sweep") else [],
         cpu_rows=args.rows in ("all", "cpu"),
+        workers_rows=args.rows in ("all", "workers"),
     )
     before = machine()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:

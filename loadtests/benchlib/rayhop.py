@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib.common import LOADTESTS, RAY_ENV, SENTENCES, percentile
+from benchlib.workers import run_job
 
 APP_PREFIX = "rayhop"
 INGRESS_APP = f"{APP_PREFIX}-ingress"  # Serve gRPC ingress: the gateway core's stand-in, handle to the model
@@ -388,20 +389,7 @@ def worker_env(extra: dict[str, str]) -> dict[str, str]:
 
 
 async def spawn_worker(job: dict[str, Any], env: dict[str, str]) -> Sample:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(ENTRY_SCRIPT),
-        "--worker",
-        json.dumps(job),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=worker_env(env),
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), WORKER_TIMEOUT_S)
-    lines = [line for line in out.decode().splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {job['key']} failed (exit {proc.returncode}):\n{err.decode()[-4000:]}")
-    return Sample(**json.loads(lines[-1].removeprefix("RESULT ")))
+    return Sample(**await run_job(job, ENTRY_SCRIPT, env, WORKER_TIMEOUT_S))
 
 
 @dataclass

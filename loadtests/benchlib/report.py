@@ -12,6 +12,7 @@ from typing import Any
 from benchlib.common import Config, Measurement, Ratio, fmt, mean_of
 from benchlib.cpu import CPU_PREFIX, cpu_json, cpu_means, cpu_notes, cpu_ratios, cpu_table
 from benchlib.overhead import overhead_means, overhead_notes, overhead_ratios
+from benchlib.scaleout import workers_means, workers_notes, workers_ratios
 from benchlib.sweep import SWEEP_PREFIX, sweep_ratios, sweep_table
 
 # (label, numerator, denominator, target ≥): the whole-stack rows.
@@ -46,6 +47,7 @@ def baselines(results: dict[str, Measurement]) -> list[Measurement]:
         means.append(mean_of(results, ["raw-1t#1", "raw-1t#2"], "raw-1t", "raw 1-thread baseline (mean of 2 runs)"))
     means += overhead_means(results)
     means += cpu_means(results)
+    means += workers_means(results)
     results.update({m.key: m for m in means})
     return means
 
@@ -56,7 +58,8 @@ def ratios(results: dict[str, Measurement], levels: list[int]) -> list[Ratio]:
         for label, num, den, target in STACK_RATIOS
         if num in results and den in results
     ]
-    return stack + overhead_ratios(results) + sweep_ratios(results, levels) + cpu_ratios(results)
+    stack += overhead_ratios(results) + sweep_ratios(results, levels) + cpu_ratios(results)
+    return stack + workers_ratios(results)
 
 
 def noise_notes(results: dict[str, Measurement]) -> list[str]:
@@ -72,7 +75,7 @@ def noise_notes(results: dict[str, Measurement]) -> list[str]:
             "the 2-thread raw baseline ran slower than the 1-thread one: the second core was busy (other work),"
             " so ratios against raw-2t overstate the stack"
         )
-    return notes + overhead_notes(results)
+    return notes + overhead_notes(results) + workers_notes(results)
 
 
 def measurement_table(rows: list[Measurement]) -> str:
@@ -150,7 +153,7 @@ def report(
         print(cpu_table(results, idle))
         print()
     for base in means:
-        latency = f", p50 {base.p50_ms:.1f} ms (mean of the runs' p50)" if base.key.startswith("G") else ""
+        latency = f", p50 {base.p50_ms:.1f} ms (mean of the runs' p50)" if base.key.startswith(("G", "W")) else ""
         cpu = "" if base.cpu_us is None else f", {base.cpu_us:.0f} µs CPU per request"
         print(f"{base.label}: {base.rate:.1f} {base.unit}{latency}{cpu}")
     print()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from benchlib.common import EMBED_MODEL, NOOP_MODEL, Config, Measurement
 from benchlib.cpu import VARIANT_DOORS, CpuRow, cpu_steps, echo_row, idle_cores, variant_rows
 from benchlib.overhead import LATENCY_PREFIX, Overhead, overhead_steps, start_overhead
 from benchlib.plain import plain_run
+from benchlib.scaleout import measure_scaleout
 from benchlib.stack import Stack, echo_payload, open_store, start_echo_server, unlimited_key
 from benchlib.sweep import sweep_steps
 from benchlib.workers import grpc_run, http_run, raw_run
@@ -177,13 +179,14 @@ async def run_plan(plan: list[Step]) -> list[Measurement]:
 @dataclass(frozen=True)
 class Selection:
     """What to run: the whole-stack rows, the G rows on which models (with Redis at which URL), the sweep, the
-    CPU rows."""
+    CPU rows, the W rows (``serving gateway --workers 1`` and ``2`` as processes of their own)."""
 
     stack_rows: bool
     overhead_models: list[str]
     redis_url: str
     sweep_levels: list[int]  # empty: no sweep
     cpu_rows: bool = False
+    workers_rows: bool = False
 
 
 @dataclass
@@ -194,7 +197,7 @@ class Outcome:
 
 
 async def measure_all(stack: Stack, cfg: Config, selection: Selection) -> Outcome:
-    """Starts every gateway, runs the plan, stops them; then the CPU rows, which start their own."""
+    """Starts every gateway, runs the plan, stops them; then the W and the CPU rows, which start their own."""
     from serving.gateway.app import Gateway
 
     store = open_store(stack.tmp / "serving.db")
@@ -241,6 +244,11 @@ async def measure_all(stack: Stack, cfg: Config, selection: Selection) -> Outcom
             plan += build_sweep_plan(stack, unlimited_key(store, "bench-sweep"), target, selection.sweep_levels, cfg)
         measured = await run_plan(plan)
         await stop_gateways()
+        if selection.workers_rows:
+            replica = functools.partial(with_batch_stats, stack.handles[NOOP_MODEL])
+            scaled, scale_notes = await measure_scaleout(stack, store, selection.redis_url, cfg, run_plan, replica)
+            measured += scaled
+            notes += scale_notes
         if not selection.cpu_rows:
             return Outcome(measured, notes, {})
         cpu = await measure_cpu(stack, store, f"127.0.0.1:{echo_port}", selection.redis_url, cfg)

@@ -6,7 +6,8 @@ closed-loop callers of one-text Embed requests), ``http`` (an ``httpx.AsyncClien
 request to plain Serve's HTTP proxy), ``raw`` (the MiniLM runner alone, encoding batches) and ``phased``
 (one-text embeds through a gateway's chosen front door, in phases the parent paces over stdin/stdout:
 warm-up, ``WARM``; on ``GO`` the measured phase, ``DONE``; on ``STOP`` the client closes; see ``phased_run``).
-Each prints one ``RESULT {json}`` line that the parent reads back.
+Each prints one ``RESULT {json}`` line that the parent reads back. A ``load`` job with ``channels`` > 1 spreads
+its callers over that many clients, each on a TCP connection of its own.
 """
 
 from __future__ import annotations
@@ -38,15 +39,35 @@ Call = Callable[[int], Awaitable[object]]
 DOORS = ("grpc", "http", "openai")  # the gateway's front doors: gRPC Embed, POST /v1/embed, POST /v1/embeddings
 
 
+async def own_connection(client: Any, target: str) -> None:
+    """Gives ``client`` a channel of its own TCP connection: grpc shares one among a process's channels with equal
+    arguments (its global subchannel pool), and a gateway's SO_REUSEPORT workers split connections, not calls."""
+    import grpc
+
+    shared = client._channel
+    client._channel = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+    await shared.close()
+
+
 async def load_worker(job: dict[str, Any]) -> LoadStats:
+    """``channels`` (default 1) clients, caller ``i`` on client ``i % channels``; with ``measure_from`` (an instant
+    of the parent's ``time.perf_counter()``: CLOCK_MONOTONIC, shared by processes) the warm-up lasts until then."""
     from serving.client import AsyncClient
 
-    async with AsyncClient(job["target"], job["api_key"]) as client:
+    channels = int(job.get("channels", 1))
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(AsyncClient(job["target"], job["api_key"])) for _ in range(channels)]
+        if channels > 1:
+            for client in clients:
+                await own_connection(client, job["target"])
 
         async def call(index: int) -> None:
-            await client.embed([SENTENCES[index % len(SENTENCES)]], model=job["model"])
+            await clients[index % channels].embed([SENTENCES[index % len(SENTENCES)]], model=job["model"])
 
-        return await drive(call, job["concurrency"], job["warmup_s"], job["duration_s"])
+        warmup_s = job["warmup_s"]
+        if "measure_from" in job:
+            warmup_s = max(0.0, job["measure_from"] - time.perf_counter())
+        return await drive(call, job["concurrency"], warmup_s, job["duration_s"])
 
 
 async def http_worker(job: dict[str, Any]) -> LoadStats:
@@ -153,22 +174,30 @@ def run_worker(raw_job: str) -> None:
     print("RESULT " + json.dumps(asdict(stats)), flush=True)
 
 
-async def spawn_worker(job: dict[str, Any]) -> LoadStats:
-    env = {**os.environ, **RAY_ENV}
+async def run_job(
+    job: dict[str, Any], entry: Path = ENTRY_SCRIPT, env: dict[str, str] | None = None, timeout_s: float | None = None
+) -> dict[str, Any]:
+    """Runs ``entry --worker JOB`` in a subprocess; returns the JSON of its last ``RESULT`` line."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
-        str(ENTRY_SCRIPT),
+        str(entry),
         "--worker",
         json.dumps(job),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=env,
+        env={**os.environ, **RAY_ENV, **(env or {})},
     )
-    out, err = await proc.communicate()
+    out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
     lines = [line for line in out.decode().splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"worker {job['kind']} failed (exit {proc.returncode}):\n{err.decode()[-4000:]}")
-    data = json.loads(lines[-1].removeprefix("RESULT "))
+        name = job.get("key", job.get("kind"))
+        raise RuntimeError(f"worker {name} failed (exit {proc.returncode}):\n{err.decode()[-4000:]}")
+    result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
+    return result
+
+
+async def spawn_worker(job: dict[str, Any]) -> LoadStats:
+    data = await run_job(job)
     return LoadStats(data["completed"], data["seconds"], data["latencies_s"])
 
 

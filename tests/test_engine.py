@@ -86,3 +86,43 @@ def test_a_replica_refusal_crosses_ray_as_the_same_domain_error(ray_models: dict
     translated = translate_ray_error(caught.value)
     assert isinstance(translated, Overloaded) and translated.retry_after_s == 1.0
     assert describe(translated).http_status == 503
+
+
+def _fed(runner: GenerateRunner, ids: list[int], stop: tuple[str, ...] = ()) -> tuple[Any, list[TextChunk]]:
+    """A sequence fed ``ids`` one token at a time, as decode steps would: its state and the chunks it emitted."""
+    chunks: list[TextChunk] = []
+    params = SamplingParams(max_tokens=len(ids) + 1, temperature=0.0, stop=stop)
+    seq = runner.preprocess(GenerateItem([1], params))
+    seq.on_chunk = chunks.append
+    for token in ids:
+        runner._advance(seq, token)
+        if seq.done:
+            break
+    return seq, chunks
+
+
+def test_incremental_detokenization_gives_the_text_of_a_whole_decode(runner: GenerateRunner) -> None:
+    tokenizer = runner.tokenizer
+    text = "Héllo wörld! 日本語のテキスト 🙂 and   spaces\nnew line."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    special = next(iter(runner.special_ids - runner.eos_ids))  # skipped in the text, counted as a token
+    ids = [*ids[:5], special, *ids[5:]]
+    seq, chunks = _fed(runner, ids)
+    assert seq.text == tokenizer.decode(ids, skip_special_tokens=True) == text
+    assert "".join(c.text for c in chunks) == text
+    counts = [c.tokens for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == len(ids)
+    # A token that ends inside a multi-byte character is not counted as sent until the character is complete.
+    emoji = tokenizer("🙂", add_special_tokens=False)["input_ids"]
+    assert len(emoji) == 2  # SmolLM2's byte-level BPE splits its four bytes over two tokens
+    seq, chunks = _fed(runner, emoji[:1])
+    assert seq.text == "" and not chunks
+    seq, chunks = _fed(runner, emoji)
+    assert seq.text == "🙂" and [c.tokens for c in chunks] == [2]
+
+
+def test_a_stop_string_split_across_tokens_ends_the_text_before_it(runner: GenerateRunner) -> None:
+    ids = runner.tokenizer("The answer is 42. END of story", add_special_tokens=False)["input_ids"]
+    seq, chunks = _fed(runner, ids, stop=("END",))
+    assert seq.text == "The answer is 42. " and "".join(c.text for c in chunks) == seq.text
+    assert seq.finish_reason is not None and seq.finish_reason.value == "stop"

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from serving.domain import FinishReason
@@ -47,6 +49,10 @@ class GenerateRunner:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos_ids
         self.pad_id = int(self.tokenizer.pad_token_id or next(iter(eos_ids), 0))
+        # Incremental detokenization: each sequence decodes only its new token (tokenizers' DecodeStream), not its
+        # whole text again at every step. Tokenizers without a Rust backend fall back to decoding it all.
+        self.fast: Tokenizer | None = getattr(self.tokenizer, "backend_tokenizer", None)
+        self.special_ids = set(self.tokenizer.all_special_ids)
 
     def preprocess(self, item: GenerateItem) -> Sequence:
         generator = None
@@ -56,7 +62,8 @@ class GenerateRunner:
                 generator.manual_seed(item.params.seed)
             else:
                 generator.seed()
-        return Sequence(prompt_ids=list(item.prompt_ids), params=item.params, generator=generator)
+        decoder = DecodeStream(skip_special_tokens=True) if self.fast is not None else None
+        return Sequence(prompt_ids=list(item.prompt_ids), params=item.params, generator=generator, decoder=decoder)
 
     def _sample(self, logits: torch.Tensor, seq: Sequence) -> int:
         params = seq.params
@@ -73,9 +80,18 @@ class GenerateRunner:
             self._finish(seq, FinishReason.STOP, len(seq.text))
             return
         seq.generated.append(token)
-        seq.text = str(self.tokenizer.decode(seq.generated, skip_special_tokens=True))
+        before = len(seq.text)
+        pending = False  # the token's text is not complete yet (part of a UTF-8 character): not emitted in full
+        if seq.decoder is not None and self.fast is not None:
+            piece = seq.decoder.step(self.fast, token)
+            if piece:
+                seq.text += piece
+            pending = piece is None and token not in self.special_ids
+        else:
+            seq.text = str(self.tokenizer.decode(seq.generated, skip_special_tokens=True))
         for stop in seq.params.stop:
-            at = seq.text.find(stop)
+            # Only where a stop can newly appear: the added text and the tail it may complete.
+            at = seq.text.find(stop, max(0, before - len(stop) + 1))
             if at >= 0:
                 self._finish(seq, FinishReason.STOP, at)
                 return
@@ -83,7 +99,7 @@ class GenerateRunner:
             self._finish(seq, FinishReason.LENGTH, len(seq.text))
             return
         held = _held_back(seq.text, seq.params.stop)
-        seq.emit(len(seq.text) - held, whole=held == 0)
+        seq.emit(len(seq.text) - held, whole=held == 0 and not pending)
 
     def _finish(self, seq: Sequence, reason: FinishReason, end: int) -> None:
         seq.text = seq.text[:end]

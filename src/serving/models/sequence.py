@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,6 +40,7 @@ class Sequence:
     params: SamplingParams
     generator: torch.Generator | None
     on_chunk: Callable[[TextChunk], None] = lambda _chunk: None
+    decoder: Any = None  # tokenizers' DecodeStream: the text of each new token, without decoding all again
     generated: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of ``text`` already emitted

@@ -12,7 +12,6 @@ a request may wait up to one bucket (0.1 s) longer than a per-request log would 
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -69,12 +68,8 @@ class QuotaBackend(Protocol):
 
 
 def month_of(epoch_s: float) -> str:
-    return _month_of_hour(int(epoch_s // 3600))  # months begin on a UTC hour: one strftime per hour
-
-
-@functools.lru_cache(maxsize=64)
-def _month_of_hour(hour: int) -> str:
-    return time.strftime("%Y-%m", time.gmtime(hour * 3600))
+    utc = time.gmtime(epoch_s)
+    return f"{utc.tm_year:04d}-{utc.tm_mon:02d}"  # what strftime("%Y-%m") gives, at a third of its cost
 
 
 def seconds_to_month_end(epoch_s: float) -> float:

@@ -99,9 +99,16 @@ class OffGateway:
 
         self.settings = settings
         open_specs = [dataclasses.replace(s, admission=ModelAdmission(max_concurrency=NEVER_BLOCKS)) for s in specs]
+        # The same Ray hop as the real gateway (transport, router on this loop).
+        self.router = Router(
+            build_routes(specs, handles, settings.models_cache),
+            settings.batching,
+            grpc_transport=settings.ray_transport == "grpc",
+            router_on_loop=settings.ray_router_on_loop,
+        )
         self.core = Core(
             authenticator=FixedAuthenticator(Caller("p_bench_off", "off", Plan(name="bench-off"))),  # type: ignore[arg-type]
-            router=Router(build_routes(specs, handles, settings.models_cache), settings.batching),
+            router=self.router,
             limits=settings.limits,
             metrics=Metrics(),
             admission=Admission(NoQuota(), open_specs, settings.admission),
@@ -125,6 +132,7 @@ class OffGateway:
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_s)
+        await self.router.close()
 
 
 # --- setting up ON and OFF ---------------------------------------------------------------------------------

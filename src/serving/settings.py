@@ -106,6 +106,8 @@ class Settings:
     # How handle calls reach the model replicas: Serve's gRPC transport ("grpc", decision 0010) or Ray actor calls
     # ("actor", Serve's default; the switch back should a Ray upgrade change the private option underneath).
     ray_transport: str = "grpc"
+    # Serve's router for the gateway's handles runs on the gateway's event loop (False: on Serve's router thread).
+    ray_router_on_loop: bool = True
     tracing_exporter: str = "off"  # OpenTelemetry: "off", "console" or "otlp" (gRPC, to otlp_endpoint)
     otlp_endpoint: str | None = None  # e.g. http://otel-collector:4317; None: the exporter's default / OTEL_* env
     trace_sample_ratio: float = 1.0  # share of new traces sampled; a partner's sampled traceparent is followed

@@ -149,6 +149,7 @@ class Gateway:
             self.metrics,
             self.tracing,
             grpc_transport=settings.ray_transport == "grpc",
+            router_on_loop=settings.ray_router_on_loop,
         )
         self.redis = build_redis(settings)
         self.quota = build_quota(settings, self.metrics, self.redis)
@@ -321,6 +322,7 @@ class Gateway:
             await asyncio.gather(self._ops[1], return_exceptions=True)
         self.ledger.db.close()
         self.authenticator.close()
+        await self.router.close()
         await self.quota.close()
         self.keys.close()
         await self.idempotency.close()

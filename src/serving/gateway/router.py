@@ -6,6 +6,7 @@ Embed and classify requests cross the Ray boundary in micro-batches; a generatio
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -106,11 +107,21 @@ class Router:
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
         grpc_transport: bool = True,
+        router_on_loop: bool = True,
     ) -> None:
         self.routes = routes
+        self._own: list[DeploymentHandle[Any]] = []  # handles whose Serve router runs on this loop: closed by us
         if metrics is not None:
             metrics.init_models(list(routes))
         for route in routes.values():
+            if router_on_loop and _loop_running():
+                # A handle of our own whose Serve router (replica choice, queue-length probes) runs on the
+                # gateway's event loop, not on Serve's router thread: no GIL hand-off per call, a third less CPU
+                # per request on this path (decision 0010).
+                own: DeploymentHandle[Any] = DeploymentHandle(route.handle.deployment_name, route.handle.app_name)
+                own._init(_run_router_in_separate_loop=False)  # type: ignore[no-untyped-call]
+                self._own.append(own)
+                route.handle = own
             if grpc_transport:
                 # Serve's gRPC transport to the replicas instead of Ray actor calls: half the gateway's CPU per
                 # handle call and ~1.5 ms less latency, with Serve's routing kept (decision 0010).
@@ -131,6 +142,12 @@ class Router:
                     send_linked=route._call_batch,
                 )
 
+    async def close(self) -> None:
+        """Stops the Serve routers running on this loop (before the loop itself stops)."""
+        for handle in self._own:
+            await handle.shutdown_async()  # type: ignore[no-untyped-call]
+        self._own.clear()
+
     def route(self, model: str, task: Task) -> ModelRoute:
         if not model:
             raise InvalidInput("model is required", param="model")
@@ -142,6 +159,14 @@ class Router:
                 f"model {model!r} is a {route.spec.task.value} model, not a {task.value} model", param="model"
             )
         return route
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def replica_counts(app_names: dict[str, str]) -> dict[str, dict[str, int]]:

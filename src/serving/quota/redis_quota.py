@@ -95,10 +95,10 @@ if tpm > 0 and sum + tokens > tpm then
   if tokens > tpm then return {0, 'tokens_request', window, used, sum, reset} end
   return {0, 'tokens', until_freed('t', sum + tokens - tpm), used, sum, reset}
 end
-if maxc > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  if redis.call('ZCARD', KEYS[3]) >= maxc then return {0, 'concurrency', 100, used, sum, reset} end
-end
+-- Expired leases go whatever the plan: with no concurrency limit, leases whose settlement was lost would
+-- otherwise pile up in a key that steady traffic keeps alive.
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if maxc > 0 and redis.call('ZCARD', KEYS[3]) >= maxc then return {0, 'concurrency', 100, used, sum, reset} end
 if monthly > 0 and tonumber(redis.call('GET', KEYS[4]) or '0') + tokens > monthly then
   return {0, 'monthly_tokens', -1, used, sum, reset}
 end

@@ -158,18 +158,19 @@ class RedisBatch:
             args.extend(op.args)
         self.batches += 1
         self.operations += len(batch)
-        for attempt in (1, 2):
-            try:
-                replies = await self._redis.call("EVALSHA", self._sha, len(keys), *keys, *args)
-                break
-            except NoScriptError:  # a restarted (or flushed) Redis: load the script and send the batch again
-                await self._redis.call("SCRIPT", "LOAD", self._source)
-            except RedisConnectionError:  # a Redis restart broke the connection: once more, on a new one
-                if attempt == 2:
-                    raise
-        else:
-            replies = await self._redis.call("EVALSHA", self._sha, len(keys), *keys, *args)
+        command = ("EVALSHA", self._sha, len(keys), *keys, *args)
+        try:
+            replies = await self._evalsha(command)
+        except RedisConnectionError:  # a Redis restart broke the connection: once more, on a new one
+            replies = await self._evalsha(command)
         return list(replies)
+
+    async def _evalsha(self, command: tuple[Any, ...]) -> Any:
+        try:
+            return await self._redis.call(*command)
+        except NoScriptError:  # a restarted (or flushed) Redis lost the script: load it and send the batch again
+            await self._redis.call("SCRIPT", "LOAD", self._source)
+            return await self._redis.call(*command)
 
     async def close(self) -> None:
         """Sends what is queued (lazy operations too), then closes the connection."""

@@ -1,10 +1,15 @@
-"""Continuous batching vs static batching with HF ``generate``, side by side in one process, one run.
+"""Continuous batching vs static batching with HF ``generate``, and the prefix cache on vs off, side by side in
+one process, one run.
 
-32 closed-loop streams (each sends its next request when the last one ends) with mixed prompt and output
-lengths drive (a) our continuous-batching engine and (b) a static batcher that takes whatever is waiting (up
-to 32), runs ``model.generate`` until the longest request in the batch is done, then answers them all. Both
-use the same model, threads, greedy decoding and max_tokens per request. Prints useful output tokens per
-second for each and their ratio, and time to first token p50 under load ÷ alone.
+Mixed workload: 32 closed-loop streams (each sends its next request when the last one ends) with mixed prompt
+and output lengths drive (a) our continuous-batching engine, with and without its prefix cache, and (b) a
+static batcher that takes whatever is waiting (up to 32), runs ``model.generate`` until the longest request in
+the batch is done, then answers them all. All use the same model, threads, greedy decoding and max_tokens per
+request. Prints useful output tokens per second and their ratios, time to first token p50 under load ÷ alone,
+and the mean running-batch fill (running rows per step ÷ the row cap).
+
+Shared-system-prompt workload (customer-service Q&A): a ~200-token system prompt and short user turns, the same
+32 streams, engine with the prefix cache ÷ without: TTFT p50 and tokens/s.
 
     HF_HUB_OFFLINE=1 .venv/bin/python loadtests/bench_generation.py [--streams 32] [--requests 192] [--hf-continuous]
 """
@@ -27,10 +32,12 @@ import torch
 from serving.domain import SamplingParams
 from serving.models.engine import EngineLimits, GenerationEngine
 from serving.models.generate import GenerateRunner
+from serving.models.prefix_cache import PrefixCache
+from serving.models.ragged import ATTENTION
 from serving.models.registry import load_registry
 from serving.models.sequence import GenerateItem, GenerateOutput
 from serving.models.sources import resolve_model_dir
-from serving.models.stats import BatchStats
+from serving.models.stats import GenerationStats
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -52,6 +59,8 @@ class Run:
     ttfts: list[float]
     steady_tokens: int  # delivered before the work queue ran dry, while every stream was busy
     steady_seconds: float
+    fill: float = 0.0  # continuous batching: mean running rows per step ÷ the row cap, whole run
+    steady_fill: float = 0.0  # the same until the work queue ran dry
 
     @property
     def tokens_per_s(self) -> float:
@@ -67,6 +76,42 @@ class Tally:
     """Output tokens delivered to the callers so far (as they stream, or when a request completes)."""
 
     tokens: int = 0
+
+
+SYSTEM_PROMPT = (
+    "You are the customer-service assistant of Northwind Parcel, a delivery company operating in twelve "
+    "countries. Answer the customer's question in one or two friendly sentences. Parcels are delivered Monday "
+    "to Saturday between 8am and 8pm. Tracking numbers start with NW and have ten digits. Customers can change "
+    "the delivery address until the parcel leaves the depot, request a safe place, or collect the parcel at a "
+    "partner shop within seven days. Refunds for lost parcels are paid within fourteen days of a claim. Never "
+    "ask for a password or payment details, and hand over to a human agent when the customer asks for one or "
+    "is upset. Business customers have a dedicated line and a monthly invoice."
+)
+QUESTIONS = (
+    "Where is my parcel?",
+    "Can I change my address?",
+    "Do you deliver on Sunday?",
+    "How do I get a refund?",
+    "What is a safe place?",
+    "Can I talk to a human?",
+    "How long do you keep parcels?",
+    "Is my number valid?",
+)
+
+
+def shared_prompt_workload(runner: GenerateRunner, n: int) -> list[GenerateItem]:
+    """Customer-service turns: the same system prompt, a short question, 16 to 64 output tokens."""
+    items = []
+    for i in range(n):
+        messages = [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": f"{QUESTIONS[i % len(QUESTIONS)]} (ticket {i})"},
+        ]
+        prompt: Any = runner.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = prompt if isinstance(prompt, list) else prompt["input_ids"]
+        params = SamplingParams(max_tokens=OUTPUT_LENGTHS[(i * 7) % 3], temperature=0.0)
+        items.append(GenerateItem(list(ids), params))
+    return items
 
 
 def workload(runner: GenerateRunner, n: int) -> list[GenerateItem]:
@@ -191,71 +236,137 @@ async def static_once(batcher: StaticBatcher, item: GenerateItem, tally: Tally) 
     return Result(tokens, time.perf_counter() - started)  # nothing streams: the first token arrives with the last
 
 
+def _fill(stats: GenerationStats | None, since: tuple[int, int]) -> float:
+    if stats is None or stats.capacity_steps == since[1]:
+        return 0.0
+    return (stats.row_steps - since[0]) / (stats.capacity_steps - since[1])
+
+
 async def drive(
-    label: str, call: Callable[[GenerateItem, Tally], Awaitable[Result]], items: list[GenerateItem], streams: int
+    label: str,
+    call: Callable[[GenerateItem, Tally], Awaitable[Result]],
+    items: list[GenerateItem],
+    streams: int,
+    stats: GenerationStats | None = None,
 ) -> Run:
     """Closed loop: each stream sends its next request when its last one ends. Besides the whole run, the
     steady part is measured: up to the moment the work queue runs dry, every stream has a request in flight."""
     queue = list(reversed(items))
     results: list[Result] = []
     tally = Tally()
-    steady: list[tuple[int, float]] = []
+    steady: list[tuple[int, float, float]] = []
+    start = (stats.row_steps, stats.capacity_steps) if stats else (0, 0)
 
     async def client() -> None:
         while queue:
             item = queue.pop()
             if not queue:
-                steady.append((tally.tokens, time.perf_counter() - started))
+                steady.append((tally.tokens, time.perf_counter() - started, _fill(stats, start)))
             results.append(await call(item, tally))
 
     started = time.perf_counter()
     await asyncio.gather(*[client() for _ in range(streams)])
     seconds = time.perf_counter() - started
-    [(steady_tokens, steady_seconds)] = steady
-    return Run(
-        label, sum(r.tokens for r in results), seconds, [r.ttft_s for r in results], steady_tokens, steady_seconds
-    )
+    [(steady_tokens, steady_seconds, steady_fill)] = steady
+    ttfts = [r.ttft_s for r in results]
+    tokens = sum(r.tokens for r in results)
+    return Run(label, tokens, seconds, ttfts, steady_tokens, steady_seconds, _fill(stats, start), steady_fill)
 
 
-async def main(streams: int, requests: int, threads: int, with_hf: bool) -> None:
+def print_runs(title: str, runs: list[Run]) -> None:
+    print(f"\n{title}")
+    print(f"{'mode':34} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'steady tok/s':>13} {'TTFT p50':>9} {'fill':>5}")
+    for run in runs:
+        ttft = statistics.median(run.ttfts)
+        fill = f"{run.fill:5.2f}" if run.fill else "    -"
+        print(
+            f"{run.label:34} {run.tokens:7d} {run.seconds:8.1f} {run.tokens_per_s:9.1f}"
+            f" {run.steady_tokens_per_s:13.1f} {ttft:8.3f}s {fill}"
+        )
+
+
+def ratio(label: str, ours: float, other: float, note: str = "") -> None:
+    print(f"{label:58} {ours / other:5.2f}{note}")
+
+
+async def main(streams: int, requests: int, threads: int, budget: int, cache_mb: int, with_hf: bool) -> None:
     torch.set_num_threads(threads)
     spec = next(s for s in load_registry() if s.id == MODEL)
-    runner = GenerateRunner()
+    runner = GenerateRunner(cache_mb)
     runner.setup(resolve_model_dir(spec, ROOT / ".cache" / "models"), "cpu", "float32")
+    cached, uncached = runner.prefix_cache, PrefixCache(runner.kv_shape, 0)
+
+    def engine(cache: PrefixCache) -> tuple[GenerationEngine, GenerationStats]:
+        runner.prefix_cache = cache
+        stats = GenerationStats()
+        return GenerationEngine(runner, EngineLimits(streams, 2 * streams, budget), stats), stats
+
     items = workload(runner, requests)
-    engine = GenerationEngine(runner, EngineLimits(streams, 2 * streams, 4096), BatchStats())
-    await stream_once(engine, items[0], Tally())  # warm-up
-    alone = [await stream_once(engine, item, Tally()) for item in items[:8]]
-    continuous = await drive("continuous batching (ours)", functools.partial(stream_once, engine), items, streams)
+    on, on_stats = engine(cached)
+    await stream_once(on, items[0], Tally())  # warm-up (and the chat template's shared prefix cached)
+    alone = [await stream_once(on, item, Tally()) for item in items[:8]]
+    continuous = await drive("continuous, prefix cache", functools.partial(stream_once, on), items, streams, on_stats)
+    off, off_stats = engine(uncached)
+    plain = await drive("continuous, no prefix cache", functools.partial(stream_once, off), items, streams, off_stats)
+    runner.model.set_attn_implementation("sdpa")  # HF generate runs with transformers' own attention
     batcher = StaticBatcher(runner, streams)
     static = await drive("static batching, HF generate", functools.partial(static_once, batcher), items, streams)
-    runs = [continuous, static]
+    runs = [continuous, plain, static]
+    runner.model.set_attn_implementation(ATTENTION)
+
+    shared = shared_prompt_workload(runner, requests // 2)
+    qa_cache = PrefixCache(runner.kv_shape, cache_mb * 2**20)  # starts empty
+    qa_on, qa_on_stats = engine(qa_cache)
+    qa_cached = await drive("Q&A, prefix cache", functools.partial(stream_once, qa_on), shared, streams, qa_on_stats)
+    qa_off, qa_off_stats = engine(uncached)
+    qa_plain = await drive(
+        "Q&A, no prefix cache", functools.partial(stream_once, qa_off), shared, streams, qa_off_stats
+    )
     if with_hf:
+        runner.model.set_attn_implementation("sdpa")
         hf = HfContinuous(runner)  # last: it switches the model to paged attention
         runs.append(await drive("HF continuous batching", hf.once, items, streams))
         hf.stop()
-    print(f"\n{streams} concurrent streams, {requests} requests, outputs {OUTPUT_LENGTHS} tokens, {threads} threads")
-    print(f"{'mode':30} {'tokens':>7} {'seconds':>8} {'tokens/s':>9} {'steady tok/s':>13} {'TTFT p50':>9}")
-    for run in runs:
-        ttft = statistics.median(run.ttfts)
-        print(
-            f"{run.label:30} {run.tokens:7d} {run.seconds:8.1f} {run.tokens_per_s:9.1f}"
-            f" {run.steady_tokens_per_s:13.1f} {ttft:8.3f}s"
-        )
+
+    print(f"\n{streams} concurrent streams, {threads} threads, {budget} prefill tokens per step, cache {cache_mb} MiB")
+    print_runs(f"Mixed workload: {requests} requests, prompts 30-200 tokens, outputs {OUTPUT_LENGTHS}", runs)
+    prompt_tokens = statistics.mean(len(item.prompt_ids) for item in shared)
+    print_runs(
+        f"Shared system prompt: {len(shared)} requests, prompts ~{prompt_tokens:.0f} tokens", [qa_cached, qa_plain]
+    )
     print("(steady: until the work queue ran dry, every stream busy; the whole run includes the drain at the end)")
-
-    def ratio(label: str, ours: float, other: float, note: str = "") -> None:
-        print(f"{label:52} {ours / other:5.2f}{note}")
-
     print()
-    ratio("continuous ÷ static, tokens/s, whole run", continuous.tokens_per_s, static.tokens_per_s, "  (target ≥ 2)")
-    ratio("continuous ÷ static, tokens/s, steady", continuous.steady_tokens_per_s, static.steady_tokens_per_s)
+    ratio(
+        "continuous (prefix cache) ÷ static, tokens/s, whole run",
+        continuous.tokens_per_s,
+        static.tokens_per_s,
+        "  (target ≥ 2)",
+    )
+    ratio(
+        "continuous (prefix cache) ÷ static, tokens/s, steady",
+        continuous.steady_tokens_per_s,
+        static.steady_tokens_per_s,
+    )
+    ratio("continuous (no prefix cache) ÷ static, tokens/s, whole run", plain.tokens_per_s, static.tokens_per_s)
     if with_hf:
-        ratio("ours ÷ HF continuous batching, tokens/s, whole run", continuous.tokens_per_s, runs[2].tokens_per_s)
+        ratio("ours ÷ HF continuous batching, tokens/s, whole run", continuous.tokens_per_s, runs[-1].tokens_per_s)
     alone_ttft = statistics.median(r.ttft_s for r in alone)
     loaded_ttft = statistics.median(continuous.ttfts)
-    ratio("TTFT p50 under load ÷ alone (continuous)", loaded_ttft, alone_ttft)
+    ratio("TTFT p50 under load ÷ alone (continuous, prefix cache)", loaded_ttft, alone_ttft, "  (target ≤ 4)")
     print(f"  ({loaded_ttft * 1000:.0f} ms ÷ {alone_ttft * 1000:.0f} ms)")
+    fills = f"{continuous.steady_fill:5.2f} / {continuous.fill:.2f}"
+    print(f"{'running-batch fill, steady / whole run (prefix cache)':58} {fills}  (target ≥ 0.9)")
+    ttft_on, ttft_off = statistics.median(qa_cached.ttfts), statistics.median(qa_plain.ttfts)
+    ratio("Q&A: TTFT p50 without ÷ with the prefix cache", ttft_off, ttft_on, "  (target ≥ 2)")
+    print(f"  ({ttft_off * 1000:.0f} ms ÷ {ttft_on * 1000:.0f} ms)")
+    ratio(
+        "Q&A: tokens/s with ÷ without the prefix cache",
+        qa_cached.tokens_per_s,
+        qa_plain.tokens_per_s,
+        "  (target ≥ 1.3)",
+    )
+    cache = qa_cache.stats
+    print(f"  (prefix cache in the Q&A run: {cache.hits} hits, {cache.misses} misses, {cache.cached_tokens} tokens)")
 
 
 if __name__ == "__main__":
@@ -263,6 +374,8 @@ if __name__ == "__main__":
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--requests", type=int, default=192)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prefill-tokens", type=int, default=256, help="prompt tokens computed per step")
+    parser.add_argument("--cache-mb", type=int, default=256, help="prefix cache size")
     parser.add_argument("--hf-continuous", action="store_true", help="also run transformers' own continuous batching")
     args = parser.parse_args()
-    asyncio.run(main(args.streams, args.requests, args.threads, args.hf_continuous))
+    asyncio.run(main(args.streams, args.requests, args.threads, args.prefill_tokens, args.cache_mb, args.hf_continuous))

@@ -212,8 +212,7 @@ class Gateway:
             if route.spec.task is Task.GENERATE:
                 async with asyncio.timeout(self.settings.replica_poll_interval_s):  # a hung replica skips a round
                     stats = await route.batch_stats()
-                self.metrics.running_sequences.labels(model).set(stats["running"])
-                self.metrics.waiting_sequences.labels(model).set(stats["waiting"])
+                self.metrics.record_generation_load(model, stats)
 
     async def _watch_readiness(self) -> None:
         """Keeps gRPC health in step with model readiness (``/readyz`` asks on each probe)."""

@@ -25,7 +25,7 @@ from serving.models.registry import ModelSpec
 from serving.models.runner import Runner, run_batch
 from serving.models.sequence import GenerateItem, GenerateOutput, TextChunk
 from serving.models.sources import resolve_model_dir
-from serving.models.stats import BatchStats
+from serving.models.stats import BatchStats, GenerationStats
 
 
 def _setup(spec: ModelSpec, cache_dir: str, runner: Any) -> None:
@@ -75,19 +75,27 @@ class GenerateModel:
     """Generation replica (continuous batching): streams text chunks, then one GenerateOutput."""
 
     def __init__(self, spec: ModelSpec, cache_dir: str) -> None:
-        self.runner = GenerateRunner()
+        self.runner = GenerateRunner(spec.batching.prefix_cache_mb)
         _setup(spec, cache_dir, self.runner)
-        self.stats = BatchStats()
+        self.stats = GenerationStats()
         batching = spec.batching
         limits = EngineLimits(batching.max_batch_size, batching.max_waiting, batching.max_prefill_tokens)
         self.engine = GenerationEngine(self.runner, limits, self.stats)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
 
     async def generate(self, item: GenerateItem) -> AsyncIterator[TextChunk | GenerateOutput]:
         async for event in self.engine.stream(item):
             yield event
 
     def batch_stats(self) -> dict[str, object]:
-        return {**self.stats.snapshot(), "running": self.engine.running, "waiting": self.engine.waiting}
+        cache = self.runner.prefix_cache.stats
+        return {
+            **self.stats.snapshot(),
+            "replica": self.replica_id,
+            "running": self.engine.running,
+            "waiting": self.engine.waiting,
+            "prefix_cache": {**vars(cache)},
+        }
 
 
 def build_application(spec: ModelSpec, cache_dir: Path) -> serve.Application:

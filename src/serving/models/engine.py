@@ -1,8 +1,9 @@
 """Replica-side continuous-batching scheduler for generation.
 
-Requests wait in a bounded queue; between decode steps the scheduler moves as many as fit (running-row cap,
-prefill-token budget) into the running batch, runs one step in a worker thread and streams each sequence's
-chunks back to its caller. A caller that goes away marks its sequence cancelled, and the next step drops its
+Requests wait in a bounded queue; between steps the scheduler admits as many as there are free rows (a row
+frees the step its sequence ends), gives the prompts being prefilled the step's token budget (oldest first:
+several short prompts together, a long one in chunks), runs the step in a worker thread and streams each
+sequence's chunks back to its caller. A caller that goes away marks its sequence cancelled, and the next step drops its
 row. Beyond the waiting cap a request is refused at once (Overloaded → UNAVAILABLE / 503 with retry-after).
 """
 
@@ -13,18 +14,18 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from serving.errors import Overloaded
+from serving.errors import InvalidInput, Overloaded
 from serving.models.generate import GenerateRunner
-from serving.models.kvbatch import RunningBatch
+from serving.models.prefix_cache import BLOCK_TOKENS
 from serving.models.sequence import GenerateItem, GenerateOutput, Sequence, TextChunk
-from serving.models.stats import BatchStats
+from serving.models.stats import GenerationStats
 
 
 @dataclass(frozen=True)
 class EngineLimits:
     max_running: int  # rows in the running batch
     max_waiting: int  # accepted requests not yet running
-    max_prefill_tokens: int  # prompt tokens prefilled in one step (bounds the stall running rows see)
+    max_prefill_tokens: int  # prompt tokens computed per step (bounds the stall running rows see)
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,26 @@ _DONE = object()
 _Waiter = tuple[Sequence, asyncio.Queue[object]]
 
 
+def _computes_for(other: Sequence, seq: Sequence) -> bool:
+    """Whether ``other``'s prefill is still to compute whole blocks that ``seq``'s prompt starts with (so that
+    ``seq`` would find them in the prefix cache if it waited)."""
+    assert other.prompt is not None
+    a, b = other.prompt_ids, seq.prompt_ids
+    shared = 0
+    while shared + BLOCK_TOKENS < len(b) and a[shared : shared + BLOCK_TOKENS] == b[shared : shared + BLOCK_TOKENS]:
+        shared += BLOCK_TOKENS
+    return other.prompt.filled < shared
+
+
 class GenerationEngine:
-    def __init__(self, runner: GenerateRunner, limits: EngineLimits, stats: BatchStats):
+    def __init__(self, runner: GenerateRunner, limits: EngineLimits, stats: GenerationStats):
         self._runner = runner
         self._limits = limits
         self._stats = stats
         self._waiting: deque[_Waiter] = deque()
-        self._running: dict[Sequence, asyncio.Queue[object]] = {}
-        self._batch = RunningBatch()
+        self._admitted: dict[Sequence, asyncio.Queue[object]] = {}  # prefilling or running
+        self._prefilling: list[Sequence] = []
+        self._rows = runner.new_rows()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
 
@@ -53,9 +66,11 @@ class GenerationEngine:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self._admitted)
 
     async def stream(self, item: GenerateItem) -> AsyncIterator[TextChunk | GenerateOutput]:
+        if not item.prompt_ids:  # the gateway never sends one; a step needs at least one prompt token
+            raise InvalidInput("the prompt has no tokens", param="prompt")
         if len(self._waiting) >= self._limits.max_waiting:
             raise Overloaded(
                 f"the generation model has {self._limits.max_waiting} requests waiting; retry shortly",
@@ -83,42 +98,64 @@ class GenerationEngine:
         finally:
             seq.cancelled = True  # a no-op when finished; frees the row at the next step when the caller left
 
-    def _take_joining(self) -> list[Sequence]:
-        joining: list[Sequence] = []
-        budget = self._limits.max_prefill_tokens
-        while self._waiting and len(self._running) < self._limits.max_running:
-            seq, events = self._waiting[0]
+    def _admit(self) -> None:
+        """Waiting requests take the rows that are free (prefilling ones count: they are about to run)."""
+        while self._waiting and len(self._admitted) < self._limits.max_running:
+            seq, events = self._waiting.popleft()
             if seq.cancelled:
-                self._waiting.popleft()
                 continue
-            if joining and len(seq.prompt_ids) > budget:  # the first one always fits, however long
-                break
-            self._waiting.popleft()
-            budget -= len(seq.prompt_ids)
-            joining.append(seq)
-            self._running[seq] = events
-        return joining
+            self._admitted[seq] = events  # first: a failure below reaches this caller too
+            self._runner.begin(seq)
+            self._prefilling.append(seq)
+
+    def _plan(self) -> list[tuple[Sequence, int]]:
+        """The prompt tokens this step computes, oldest admission first, within the per-step budget: several
+        short prompts together, a long one in chunks over several steps.
+
+        A prompt looks up the prefix cache when it is first scheduled, not when admitted, and waits while an
+        earlier prompt that shares whole blocks with it has not computed them yet: a burst of requests with one
+        system prompt computes it once, and the rest take it from the cache a step or two later."""
+        for seq in [seq for seq in self._prefilling if seq.cancelled]:  # never ran to its end: nothing more to send
+            self._prefilling.remove(seq)
+            self._admitted.pop(seq).put_nowait(_DONE)
+        chunks: list[tuple[Sequence, int]] = []
+        under_way: list[Sequence] = []
+        sharing = self._runner.prefix_cache.enabled
+        budget = self._limits.max_prefill_tokens
+        for seq in self._prefilling:
+            prompt = seq.prompt
+            assert prompt is not None
+            if not prompt.looked_up:
+                if budget <= 0 or (sharing and any(_computes_for(other, seq) for other in under_way)):
+                    continue
+                self._runner.attach_prefix(seq)
+            under_way.append(seq)
+            if budget > 0:
+                count = min(len(seq.prompt_ids) - prompt.filled, budget)
+                chunks.append((seq, count))
+                budget -= count
+        return chunks
 
     async def _run(self) -> None:
         while True:
-            if not self._running and not self._waiting:
+            if not self._admitted and not self._waiting:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            joining = self._take_joining()
-            if not self._running:  # everything that waited was cancelled
-                continue
-            self._stats.record(len(self._running))
             try:
-                finished = await asyncio.to_thread(self._runner.step, self._batch, joining)
-            except Exception as exc:  # every running caller hears it; the loop and later requests live on
-                for events in self._running.values():
+                self._admit()
+                chunks = self._plan()
+                if not len(self._rows) and not chunks:  # everything admitted was cancelled
+                    continue
+                self._stats.record_step(len(self._rows), sum(count for _, count in chunks), self._limits.max_running)
+                finished = await asyncio.to_thread(self._runner.step, self._rows, chunks)
+            except Exception as exc:  # every admitted caller hears it; the loop and later requests live on
+                for events in self._admitted.values():
                     events.put_nowait(_Failed(exc))
-                self._running.clear()
-                self._batch = RunningBatch()
+                self._admitted.clear()
+                self._prefilling.clear()
+                self._rows = self._runner.new_rows()
                 continue
+            self._prefilling = [seq for seq in self._prefilling if seq.prompt is not None]
             for seq in finished:
-                self._running.pop(seq).put_nowait(_DONE)
-            for seq in joining:  # cancelled before its prefill: never ran, nothing more to send
-                if seq.cancelled and seq in self._running and seq not in self._batch.seqs:
-                    self._running.pop(seq).put_nowait(_DONE)
+                self._admitted.pop(seq).put_nowait(_DONE)

@@ -1,22 +1,26 @@
 """Text generation with continuous (iteration-level) batching: per-sequence sampling, stop strings, streaming.
 
-Between decode steps, cancelled and finished sequences leave the running batch and waiting ones join it
-(their prompts are prefilled together, then their KV rows are merged into the batch's cache). See
-docs/decisions/0006-continuous-batching.md for why this is our own loop rather than transformers'
-continuous-batching manager.
+Each step is one forward pass over every running row's next token and chunks of prompts being prefilled
+(``models/ragged.py``); cancelled and finished sequences leave between steps, and a prompt whose last chunk ran
+joins the running rows with its first token. Prompts start from the longest prefix in the replica's prefix
+cache. See docs/decisions/0006-continuous-batching.md for why this is our own loop rather than transformers'
+continuous-batching manager, and 0012-chunked-prefill-and-prefix-cache.md for the step's shape.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.domain import FinishReason
-from serving.models.kvbatch import RunningBatch
+from serving.models.kvcache import KvRows, KvShape, PromptKv
+from serving.models.prefix_cache import PrefixCache
+from serving.models.ragged import ATTENTION, Chunk, StepPlan
 from serving.models.runner import resolve_device, resolve_dtype
 from serving.models.sequence import GenerateItem, GenerateOutput, Sequence
 
@@ -36,13 +40,29 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return hold
 
 
+def _kv_shape(config: Any, dtype: torch.dtype, device: torch.device) -> KvShape:
+    """The KV geometry of a full-attention decoder; other attention kinds are refused at start-up."""
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"} or getattr(config, "sliding_window", None):
+        raise NotImplementedError(f"continuous batching needs full-attention layers, not {sorted(kinds)}")
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return KvShape(config.num_hidden_layers, config.num_key_value_heads, head_dim, dtype, device)
+
+
 class GenerateRunner:
+    def __init__(self, prefix_cache_mb: int = 0) -> None:
+        self.prefix_cache_mb = prefix_cache_mb
+
     def setup(self, model_dir: Path, device: str, dtype: str) -> None:
         self.device = resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype, self.device))
         self.model.to(self.device)  # type: ignore[arg-type]
         self.model.train(False)
+        self.model.set_attn_implementation(ATTENTION)
+        self.kv_shape = _kv_shape(self.model.config, self.model.dtype, self.device)
+        self.prefix_cache = PrefixCache(self.kv_shape, self.prefix_cache_mb * 2**20)
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
@@ -106,42 +126,72 @@ class GenerateRunner:
         seq.emit(end, whole=True)
         seq.finish_reason = reason
 
+    def new_rows(self) -> KvRows:
+        return KvRows(self.kv_shape)
+
+    def begin(self, seq: Sequence) -> None:
+        """When a sequence is admitted: room for its prompt's keys and values."""
+        seq.prompt = PromptKv(self.kv_shape, len(seq.prompt_ids))
+
+    def attach_prefix(self, seq: Sequence) -> None:
+        """Before its first prefill chunk: the prompt starts from the longest prefix in the cache."""
+        assert seq.prompt is not None
+        seq.cached_tokens = self.prefix_cache.attach(seq.prompt_ids, seq.prompt)
+        seq.prompt.looked_up = True
+
     @torch.inference_mode()
-    def step(self, batch: RunningBatch, joining: list[Sequence]) -> list[Sequence]:
-        """One iteration of continuous batching: drop cancelled rows, prefill the joining sequences (each gets
-        its first token), then one decode step for every running row. Returns the sequences that finished."""
-        finished = [seq for seq in batch.seqs if seq.cancelled and not seq.done]
+    def step(self, rows: KvRows, chunks: list[tuple[Sequence, int]]) -> list[Sequence]:
+        """One iteration of continuous batching in one forward pass: a token for every running row, and the next
+        ``count`` prompt tokens of each ``(sequence, count)`` being prefilled; a sequence whose prompt completes
+        gets its first token and joins the running rows. Returns the sequences that finished."""
+        finished = [seq for seq in rows.seqs if seq.cancelled and not seq.done]
         for seq in finished:
             seq.finish_reason = FinishReason.CANCELLED
-        self._drop_done(batch)
-        joining = [seq for seq in joining if not seq.cancelled]
-        if joining:
-            finished.extend(seq for seq in self._prefill(batch, joining) if seq.done)
-        if batch.seqs:
-            ids, mask, positions = batch.step_inputs()
-            logits = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=batch.cache
-            ).logits[:, -1, :]
-            batch.advance(self._next_tokens(logits, batch.seqs))
-            finished.extend(seq for seq in batch.seqs if seq.done)
-            self._drop_done(batch)
+        self._drop_done(rows)
+        chunks = [(seq, count) for seq, count in chunks if not seq.cancelled and count > 0]
+        if not rows.seqs and not chunks:
+            return finished
+        plan = StepPlan(rows, len(rows.seqs))
+        ids, positions, keep = list(rows.last), rows.lengths.tolist(), list(range(len(rows.seqs)))
+        completing: list[Sequence] = []
+        for seq, count in chunks:
+            prompt = seq.prompt
+            assert prompt is not None
+            start = prompt.filled
+            plan.chunks.append(Chunk(prompt, start, count, len(ids)))
+            ids.extend(seq.prompt_ids[start : start + count])
+            positions.extend(range(start, start + count))
+            if start + count == len(seq.prompt_ids):
+                keep.append(len(ids) - 1)
+                completing.append(seq)
+        plan.prepare()
+        device = self.device
+        logits = self.model(
+            input_ids=torch.tensor([ids], dtype=torch.long, device=device),
+            position_ids=torch.tensor([positions], dtype=torch.long, device=device),
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
+            use_cache=False,
+            ragged=plan,
+        ).logits[0]
+        decoding = len(rows.seqs)
+        if decoding:
+            rows.advance(self._next_tokens(logits[:decoding], rows.seqs))
+            finished.extend(seq for seq in rows.seqs if seq.done)
+            self._drop_done(rows)
+        for seq, count in chunks:
+            assert seq.prompt is not None
+            seq.prompt.filled += count
+            self.prefix_cache.store(seq.prompt_ids, seq.prompt)
+        if completing:
+            firsts = self._next_tokens(logits[decoding:], completing)
+            for seq, token in zip(completing, firsts, strict=True):
+                if seq.done:
+                    finished.append(seq)
+                else:
+                    assert seq.prompt is not None
+                    rows.join(seq, seq.prompt, token)
+                seq.prompt = None
         return finished
-
-    def _prefill(self, batch: RunningBatch, seqs: list[Sequence]) -> list[Sequence]:
-        """Runs each prompt on its own (no padding to compute, and the same numbers whatever else is joining),
-        picks every first token, then joins the sequences that did not end on it."""
-        caches: list[DynamicCache] = []
-        logits: list[torch.Tensor] = []
-        for seq in seqs:
-            cache = DynamicCache()
-            ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=self.device)
-            out = self.model(input_ids=ids, past_key_values=cache, logits_to_keep=1)  # only the last position
-            caches.append(cache)
-            logits.append(out.logits[:, -1, :])
-        last = self._next_tokens(torch.cat(logits), seqs)
-        alive = [row for row, seq in enumerate(seqs) if not seq.done]
-        batch.join([seqs[row] for row in alive], [caches[row] for row in alive], [last[row] for row in alive])
-        return seqs
 
     def _next_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         greedy = logits.argmax(-1).tolist()
@@ -153,5 +203,5 @@ class GenerateRunner:
         return tokens
 
     @staticmethod
-    def _drop_done(batch: RunningBatch) -> None:
-        batch.keep([row for row, seq in enumerate(batch.seqs) if not seq.done])
+    def _drop_done(rows: KvRows) -> None:
+        rows.keep([row for row, seq in enumerate(rows.seqs) if not seq.done])

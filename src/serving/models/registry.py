@@ -29,7 +29,8 @@ class ModelBatching:
     max_batch_size: int = 32  # generation: rows in the running (continuous) batch
     max_wait_ms: float = 5.0  # encoders only: how long a replica batch waits to fill
     max_waiting: int = 64  # generation: requests queued at a replica beyond the running rows, then 503
-    max_prefill_tokens: int = 2048  # generation: prompt tokens admitted into one step
+    max_prefill_tokens: int = 256  # generation: prompt tokens computed per step; longer prompts go in chunks
+    prefix_cache_mb: int = 256  # generation: keys and values of shared prompt prefixes kept per replica (0: off)
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from serving.domain import FinishReason, SamplingParams
+
+if TYPE_CHECKING:
+    from serving.models.kvcache import PromptKv
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class Sequence:
     generator: torch.Generator | None
     on_chunk: Callable[[TextChunk], None] = lambda _chunk: None
     decoder: Any = None  # tokenizers' DecodeStream: the text of each new token, without decoding all again
+    prompt: PromptKv | None = None  # the prompt's keys and values while it is prefilled; None once it runs
+    cached_tokens: int = 0  # prompt tokens taken from the replica's prefix cache
     generated: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of ``text`` already emitted

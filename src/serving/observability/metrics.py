@@ -121,6 +121,50 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        # The replicas' own step counts, read with the running/waiting gauges and added here as they grow.
+        self.generation_steps = Counter(
+            "serving_generation_steps_total",
+            "Continuous-batching steps (forward passes) the generation replicas ran.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.generation_step_rows = Counter(
+            "serving_generation_step_rows_total",
+            "Running rows summed over steps; ÷ serving_generation_step_capacity_total is the running-batch fill.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.generation_step_capacity = Counter(
+            "serving_generation_step_capacity_total",
+            "The running-row cap summed over steps.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.prefill_tokens = Counter(
+            "serving_generation_prefill_tokens_total",
+            "Prompt tokens computed by the generation replicas (÷ steps: prefill tokens per step).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.prefix_cache_lookups = Counter(
+            "serving_generation_prefix_cache_lookups_total",
+            "Prompts looked up in the replicas' prefix caches, by result (hit: at least one cached block reused).",
+            ["model", "result"],
+            registry=self.registry,
+        )
+        self.prefix_cache_tokens = Counter(
+            "serving_generation_prefix_cache_tokens_total",
+            "Prompt tokens taken from the prefix cache instead of computed.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.prefix_cache_bytes = Gauge(
+            "serving_generation_prefix_cache_bytes",
+            "Bytes of keys and values held in the replicas' prefix caches.",
+            ["model"],
+            registry=self.registry,
+        )
+        self._replica_totals: dict[tuple[str, str, str], float] = {}  # (model, replica, total) → last seen
 
         # Batching and model execution, observed at the gateway around each call across the Ray boundary.
         self.batch_size = Histogram(
@@ -207,6 +251,29 @@ class Metrics:
         self.batch_size.labels(model).observe(items)
         self.batch_fill.labels(model).observe(min(1.0, items / max_batch_size))
         self.model_execution.labels(model).observe(seconds)
+
+    def record_generation_load(self, model: str, stats: dict[str, Any]) -> None:
+        """A generation replica's ``batch_stats()``: gauges set, its running totals added as they grew (a
+        restarted replica starts again from zero, so a total that fell counts from zero). Totals are kept per
+        replica, since each poll reaches one replica of the model."""
+        self.running_sequences.labels(model).set(stats["running"])
+        self.waiting_sequences.labels(model).set(stats["waiting"])
+        cache = stats.get("prefix_cache", {})
+        totals = {
+            "steps": (self.generation_steps.labels(model), stats.get("steps", 0)),
+            "rows": (self.generation_step_rows.labels(model), stats.get("row_steps", 0)),
+            "capacity": (self.generation_step_capacity.labels(model), stats.get("capacity_steps", 0)),
+            "prefill": (self.prefill_tokens.labels(model), stats.get("prefill_tokens", 0)),
+            "hits": (self.prefix_cache_lookups.labels(model, "hit"), cache.get("hits", 0)),
+            "misses": (self.prefix_cache_lookups.labels(model, "miss"), cache.get("misses", 0)),
+            "cached": (self.prefix_cache_tokens.labels(model), cache.get("cached_tokens", 0)),
+        }
+        replica = str(stats.get("replica", ""))
+        for key, (counter, total) in totals.items():
+            last = self._replica_totals.get((model, replica, key), 0.0)
+            counter.inc(total - last if total >= last else total)
+            self._replica_totals[model, replica, key] = total
+        self.prefix_cache_bytes.labels(model).set(cache.get("bytes", 0))
 
     def set_replicas(self, counts: dict[str, dict[str, int]]) -> None:
         """``counts``: model id → state → replicas; states outside ``REPLICA_STATES`` are not exported."""

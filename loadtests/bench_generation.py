@@ -85,7 +85,10 @@ SYSTEM_PROMPT = (
     "the delivery address until the parcel leaves the depot, request a safe place, or collect the parcel at a "
     "partner shop within seven days. Refunds for lost parcels are paid within fourteen days of a claim. Never "
     "ask for a password or payment details, and hand over to a human agent when the customer asks for one or "
-    "is upset. Business customers have a dedicated line and a monthly invoice."
+    "is upset. Business customers have a dedicated line and a monthly invoice. Large items such as furniture "
+    "are delivered by two people on a booked day, and the customer receives a text message with a two-hour "
+    "window the evening before. Damaged parcels must be reported within forty-eight hours with a photo of the "
+    "box and the label. Our opening hours for phone support are 7am to 10pm every day, including holidays."
 )
 QUESTIONS = (
     "Where is my parcel?",
@@ -100,7 +103,7 @@ QUESTIONS = (
 
 
 def shared_prompt_workload(runner: GenerateRunner, n: int) -> list[GenerateItem]:
-    """Customer-service turns: the same system prompt, a short question, 16 to 64 output tokens."""
+    """Customer-service turns: the same ~200-token system prompt, a short question, 16 to 64 output tokens."""
     items = []
     for i in range(n):
         messages = [

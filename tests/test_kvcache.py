@@ -1,13 +1,16 @@
-"""The generation replica's KV storage without a model: running rows left-aligned in shared buffers, and the
-prefix cache (exact token-prefix matches only, whole blocks, bounded by bytes, least recently used first)."""
+"""The generation replica's KV storage without a model: running rows left-aligned in shared buffers, the prefix
+cache (exact token-prefix matches only, whole blocks, bounded by bytes, least recently used first), and the
+registry's checks of the engine's limits."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from serving.domain import SamplingParams
 from serving.models.kvcache import KvRows, KvShape, PromptKv
 from serving.models.prefix_cache import BLOCK_TOKENS, PrefixCache
+from serving.models.registry import RegistryError, parse_registry
 from serving.models.sequence import Sequence
 
 SHAPE = KvShape(layers=2, kv_heads=2, head_dim=4, dtype=torch.float32, device=torch.device("cpu"))
@@ -108,3 +111,18 @@ def test_a_cache_of_zero_bytes_is_off() -> None:
     ids = list(range(3 * BLOCK_TOKENS))
     cache.store(ids, _prompt(len(ids), 0.0))
     assert not cache.enabled and cache.attach(ids, PromptKv(SHAPE, len(ids))) == 0 and cache.stats.blocks == 0
+
+
+def test_an_idle_batch_gives_its_buffers_back() -> None:
+    rows = KvRows(SHAPE)
+    rows.join(_seq(40), _prompt(40, 1.0), 7)
+    assert rows.data.numel() > 0
+    rows.keep([])
+    assert rows.data.numel() == 0 and rows.width == 0
+
+
+@pytest.mark.parametrize("bad", [{"max_prefill_tokens": 0}, {"max_batch_size": 0}, {"prefix_cache_mb": -1}])
+def test_the_registry_refuses_batching_a_generation_replica_could_never_run(bad: dict[str, int]) -> None:
+    raw = {"id": "gen", "task": "generate", "source": {"dir": "/models/gen"}, "batching": bad}
+    with pytest.raises(RegistryError, match="batching"):
+        parse_registry({"models": [raw]})

@@ -116,3 +116,5 @@ class KvRows:
                 self._lengths[row] = self._lengths[tail]
                 self.seqs[row], self.last[row] = self.seqs[tail], self.last[tail]
             del self.seqs[tail], self.last[tail]
+        if not self.seqs:  # idle: give the buffers back rather than hold a burst's peak
+            self.data = self.shape.zeros(0, 0)

@@ -32,6 +32,13 @@ class ModelBatching:
     max_prefill_tokens: int = 256  # generation: prompt tokens computed per step; longer prompts go in chunks
     prefix_cache_mb: int = 256  # generation: keys and values of shared prompt prefixes kept per replica (0: off)
 
+    def __post_init__(self) -> None:
+        # A zero row cap or step budget would leave a generation replica with nothing it may ever run.
+        if self.max_batch_size < 1 or self.max_prefill_tokens < 1:
+            raise RegistryError("batching.max_batch_size and batching.max_prefill_tokens must be at least 1")
+        if self.max_waiting < 0 or self.prefix_cache_mb < 0 or self.max_wait_ms < 0:
+            raise RegistryError("batching.max_waiting, prefix_cache_mb and max_wait_ms cannot be negative")
+
 
 @dataclass(frozen=True)
 class ModelAdmission:

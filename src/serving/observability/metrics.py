@@ -34,6 +34,9 @@ GPU_METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
 )
 
 
+_REPLICA_TOTALS_KEPT = 1024  # (model, replica, total) entries: far more than live replicas ever report
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -160,7 +163,7 @@ class Metrics:
         )
         self.prefix_cache_bytes = Gauge(
             "serving_generation_prefix_cache_bytes",
-            "Bytes of keys and values held in the replicas' prefix caches.",
+            "Bytes of keys and values held in the prefix cache of the replica polled last.",
             ["model"],
             registry=self.registry,
         )
@@ -272,7 +275,10 @@ class Metrics:
         for key, (counter, total) in totals.items():
             last = self._replica_totals.get((model, replica, key), 0.0)
             counter.inc(total - last if total >= last else total)
+            self._replica_totals.pop((model, replica, key), None)  # re-inserted last: the dict stays in poll order
             self._replica_totals[model, replica, key] = total
+        while len(self._replica_totals) > _REPLICA_TOTALS_KEPT:  # replicas that are gone (restarts, scale-down)
+            del self._replica_totals[next(iter(self._replica_totals))]
         self.prefix_cache_bytes.labels(model).set(cache.get("bytes", 0))
 
     def set_replicas(self, counts: dict[str, dict[str, int]]) -> None:

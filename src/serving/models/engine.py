@@ -104,37 +104,50 @@ class GenerationEngine:
             seq, events = self._waiting.popleft()
             if seq.cancelled:
                 continue
-            self._admitted[seq] = events  # first: a failure below reaches this caller too
-            self._runner.begin(seq)
+            self._admitted[seq] = events
             self._prefilling.append(seq)
 
     def _plan(self) -> list[tuple[Sequence, int]]:
         """The prompt tokens this step computes, oldest admission first, within the per-step budget: several
         short prompts together, a long one in chunks over several steps.
 
-        A prompt looks up the prefix cache when it is first scheduled, not when admitted, and waits while an
-        earlier prompt that shares whole blocks with it has not computed them yet: a burst of requests with one
-        system prompt computes it once, and the rest take it from the cache a step or two later."""
-        for seq in [seq for seq in self._prefilling if seq.cancelled]:  # never ran to its end: nothing more to send
-            self._prefilling.remove(seq)
-            self._admitted.pop(seq).put_nowait(_DONE)
+        A prompt gets its store and looks up the prefix cache when it is first scheduled, not when admitted, and
+        waits while an earlier prompt that shares whole blocks with it has not computed them yet: a burst of
+        requests with one system prompt computes it once, and the rest take it from the cache a step or two
+        later. Runs on the step thread (stores are allocated and cached blocks copied here, off the event loop)."""
         chunks: list[tuple[Sequence, int]] = []
         under_way: list[Sequence] = []
         sharing = self._runner.prefix_cache.enabled
         budget = self._limits.max_prefill_tokens
         for seq in self._prefilling:
-            prompt = seq.prompt
-            assert prompt is not None
-            if not prompt.looked_up:
+            if seq.cancelled:
+                continue
+            if seq.prompt is None:
                 if budget <= 0 or (sharing and any(_computes_for(other, seq) for other in under_way)):
                     continue
                 self._runner.attach_prefix(seq)
+            prompt = seq.prompt
+            assert prompt is not None
             under_way.append(seq)
             if budget > 0:
                 count = min(len(seq.prompt_ids) - prompt.filled, budget)
                 chunks.append((seq, count))
                 budget -= count
         return chunks
+
+    def _drop_cancelled_prefills(self) -> None:
+        """Callers that left before their prompt ran to its end: nothing more to send them."""
+        for seq in [seq for seq in self._prefilling if seq.cancelled]:
+            self._prefilling.remove(seq)
+            self._admitted.pop(seq).put_nowait(_DONE)
+
+    def _step(self) -> list[Sequence] | None:
+        """On the step thread: plan and run one step; None when there is nothing to run."""
+        chunks = self._plan()
+        if not len(self._rows) and not chunks:
+            return None
+        self._stats.record_step(len(self._rows), sum(count for _, count in chunks), self._limits.max_running)
+        return self._runner.step(self._rows, chunks)
 
     async def _run(self) -> None:
         while True:
@@ -144,11 +157,9 @@ class GenerationEngine:
                 continue
             try:
                 self._admit()
-                chunks = self._plan()
-                if not len(self._rows) and not chunks:  # everything admitted was cancelled
-                    continue
-                self._stats.record_step(len(self._rows), sum(count for _, count in chunks), self._limits.max_running)
-                finished = await asyncio.to_thread(self._runner.step, self._rows, chunks)
+                self._drop_cancelled_prefills()
+                # The loop waits for the thread: admission and the engine's lists do not change meanwhile.
+                finished = await asyncio.to_thread(self._step)
             except Exception as exc:  # every admitted caller hears it; the loop and later requests live on
                 for events in self._admitted.values():
                     events.put_nowait(_Failed(exc))
@@ -156,6 +167,8 @@ class GenerationEngine:
                 self._prefilling.clear()
                 self._rows = self._runner.new_rows()
                 continue
-            self._prefilling = [seq for seq in self._prefilling if seq.prompt is not None]
+            if finished is None:  # everything admitted was cancelled
+                continue
+            self._prefilling = [seq for seq in self._prefilling if not seq.prefilled]
             for seq in finished:
                 self._admitted.pop(seq).put_nowait(_DONE)

@@ -129,15 +129,11 @@ class GenerateRunner:
     def new_rows(self) -> KvRows:
         return KvRows(self.kv_shape)
 
-    def begin(self, seq: Sequence) -> None:
-        """When a sequence is admitted: room for its prompt's keys and values."""
-        seq.prompt = PromptKv(self.kv_shape, len(seq.prompt_ids))
-
     def attach_prefix(self, seq: Sequence) -> None:
-        """Before its first prefill chunk: the prompt starts from the longest prefix in the cache."""
-        assert seq.prompt is not None
+        """Before its first prefill chunk: room for the prompt's keys and values, starting from the longest prefix
+        in the cache."""
+        seq.prompt = PromptKv(self.kv_shape, len(seq.prompt_ids))
         seq.cached_tokens = self.prefix_cache.attach(seq.prompt_ids, seq.prompt)
-        seq.prompt.looked_up = True
 
     @torch.inference_mode()
     def step(self, rows: KvRows, chunks: list[tuple[Sequence, int]]) -> list[Sequence]:
@@ -185,6 +181,7 @@ class GenerateRunner:
         if completing:
             firsts = self._next_tokens(logits[decoding:], completing)
             for seq, token in zip(completing, firsts, strict=True):
+                seq.prefilled = True
                 if seq.done:
                     finished.append(seq)
                 else:

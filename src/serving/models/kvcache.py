@@ -47,7 +47,6 @@ class PromptKv:
     def __init__(self, shape: KvShape, length: int) -> None:
         self.data = shape.zeros(1, length)
         self.filled = 0
-        self.looked_up = False  # whether the prefix cache has been asked (just before the first chunk)
 
 
 class KvRows:

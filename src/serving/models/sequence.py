@@ -44,8 +44,9 @@ class Sequence:
     generator: torch.Generator | None
     on_chunk: Callable[[TextChunk], None] = lambda _chunk: None
     decoder: Any = None  # tokenizers' DecodeStream: the text of each new token, without decoding all again
-    prompt: PromptKv | None = None  # the prompt's keys and values while it is prefilled; None once it runs
+    prompt: PromptKv | None = None  # the prompt's keys and values while it is prefilled (from its first chunk)
     cached_tokens: int = 0  # prompt tokens taken from the replica's prefix cache
+    prefilled: bool = False  # the whole prompt has run: the sequence is in the running rows, or already ended
     generated: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of ``text`` already emitted

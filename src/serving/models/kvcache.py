@@ -76,8 +76,8 @@ class KvRows:
         _, _, have_rows, _, have_columns, _ = self.data.shape
         if rows <= have_rows and columns <= have_columns:
             return
-        new_rows = max(have_rows, rows + _SPARE_ROWS) if rows > have_rows else have_rows
-        new_columns = max(have_columns, columns + _SPARE_COLUMNS) if columns > have_columns else have_columns
+        new_rows = rows + _SPARE_ROWS if rows > have_rows else have_rows
+        new_columns = columns + _SPARE_COLUMNS if columns > have_columns else have_columns
         data = self.shape.zeros(new_rows, new_columns)
         n, used = len(self.seqs), min(self.width, have_columns)
         if n:

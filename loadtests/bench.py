@@ -8,7 +8,7 @@ It starts Ray, deploys MiniLM and a no-op model through ``serving.models.deploym
   A  embeddings through the whole stack (client process → gRPC → gateway → Ray replica), texts/s,
      ÷ the raw model in a separate process encoding batches of the gateway's batch cap (1 and 2 torch threads)
   B  the no-op model through the whole stack, req/s, ÷ a bare grpc.aio server returning a fixed response
-     of the same size, called by the same client (``serving.client.AsyncClient``) at the same concurrency
+     of the same size, called by the same client (``serving_sdk.AsyncClient``) at the same concurrency
   C  plain Ray Serve as its docs show: one ``@serve.batch`` deployment called once per request through a
      DeploymentHandle from the driver, (i) no-op and (ii) MiniLM, against the same baselines
   A0/B0  A and B through a second gateway with micro-batching off (cap 1: one handle call per request),

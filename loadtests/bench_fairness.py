@@ -42,7 +42,7 @@ async def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     """``calibrate``: four closed-loop callers for ``seconds``. ``flood``: ``flooders`` closed-loop callers until
     stdin closes (prints READY once as many requests have come back). ``paced``: ``requests`` open-loop
     requests, one every ``interval_s``. No retries: a request the gateway sheds counts as failed."""
-    from serving.client import ApiError, AsyncClient, RetryPolicy
+    from serving_sdk import ApiError, AsyncClient, RetryPolicy
 
     latencies: list[float] = []
     failed = 0

@@ -29,11 +29,11 @@ from billing.retry import SourceError
 from billing.service import BillingService, PeriodIncomplete
 from billing.settings import BillingSettings
 from billing.store import BillingStore
-from serving.client import AsyncClient
 from serving.gateway.app import Gateway
 from serving.partners.store import PartnerStore
 from serving.settings import Settings
 from serving.storage.database import Database
+from serving_sdk import AsyncClient
 
 EMBED, GENERATE = "minilm-l6", "smollm2-135m-instruct"
 # The test's own price list (the same numbers billing gets as TOML below, computed here without billing's code).

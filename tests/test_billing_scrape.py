@@ -22,11 +22,11 @@ from conftest import ADMIN_TOKEN
 from billing.periods import Period, iso
 from billing.service import BillingService, PeriodIncomplete
 from billing.settings import BillingSettings
-from serving.client import AsyncClient
 from serving.gateway.app import Gateway
 from serving.partners.store import PartnerStore
 from serving.settings import Settings
 from serving.storage.database import Database
+from serving_sdk import AsyncClient
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -14,11 +14,10 @@ from collections.abc import Awaitable, Callable
 import httpx
 from test_streaming import MODEL, _prompt, _reference, _wait_for_row
 
-from serving.client import AsyncClient
-from serving.domain import TextDelta
 from serving.gateway.app import Gateway
 from serving.partners.store import PartnerStore
 from serving.settings import Settings
+from serving_sdk import AsyncClient, TextDelta
 
 CANCEL_AFTER = (3, 5, 8)
 REPEATS = 3

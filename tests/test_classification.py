@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from serving.client import AsyncClient
+from serving_sdk import AsyncClient
 
 LABELS = ["sports", "finance", "cooking", "weather", "technology"]
 EXAMPLES = [

@@ -10,11 +10,11 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from serving.client import AsyncClient, Client
 from serving.models.embed import EmbedRunner
 from serving.models.registry import ModelSpec
 from serving.models.sources import resolve_model_dir
 from serving.settings import Settings
+from serving_sdk import AsyncClient, Client
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 

@@ -45,7 +45,7 @@ async def _client(role: str, target: str, api_key: str, requests: str = "0") -> 
     once the first comes back, the other nine waiting behind it. ``share``: once the test writes a line to
     stdin, B_OUTSTANDING closed-loop callers send ``requests`` requests; prints ``RESULT {"ok": n, "failed": m}``.
     """
-    from serving.client import ApiError, AsyncClient, RetryPolicy
+    from serving_sdk import ApiError, AsyncClient, RetryPolicy
 
     counts = {"ok": 0, "failed": 0}
     sent = 0

@@ -7,8 +7,7 @@ import json
 import httpx
 import openai
 
-from serving.client import AsyncClient
-from serving.domain import GenerateResult, TextDelta
+from serving_sdk import AsyncClient, GenerateResult, TextDelta
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France?"

@@ -21,11 +21,10 @@ from billing_support import wait_until
 from conftest import ADMIN_TOKEN
 from gateway_process import start_gateway_process
 
-from serving.client import AsyncClient
-from serving.domain import GenerateResult
 from serving.partners.store import PartnerStore
 from serving.settings import Settings
 from serving.storage.database import Database
+from serving_sdk import AsyncClient, GenerateResult
 
 
 def _iso(ts: float) -> str:

@@ -14,11 +14,10 @@ from conftest import ADMIN_TOKEN, running_gateway
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from serving.client import ApiError, AsyncClient, RetryPolicy
-from serving.domain import GenerateResult
 from serving.models.registry import ModelSpec, Replicas
 from serving.partners.store import PartnerStore
 from serving.settings import Settings
+from serving_sdk import ApiError, AsyncClient, GenerateResult, RetryPolicy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

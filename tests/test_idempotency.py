@@ -15,8 +15,6 @@ import pytest
 import pytest_asyncio
 from conftest import REDIS_URL
 
-from serving.client import ApiError, AsyncClient, RetryPolicy
-from serving.domain import GenerateResult, TextDelta
 from serving.errors import Overloaded, Unavailable
 from serving.gateway.app import Gateway
 from serving.idempotency.keys import IdempotencyKeys
@@ -25,6 +23,7 @@ from serving.idempotency.store import TOO_LARGE, Claim, IdempotencyStore, Memory
 from serving.partners.store import PartnerStore
 from serving.settings import Settings
 from serving.storage.database import Database
+from serving_sdk import ApiError, AsyncClient, GenerateResult, RetryPolicy, TextDelta
 
 GEN = "smollm2-135m-instruct"
 

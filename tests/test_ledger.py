@@ -15,17 +15,15 @@ import pytest
 from conftest import POSTGRES_URL, running_gateway
 from gateway_process import start_gateway_process
 
-from serving.client import ApiError, AsyncClient, RetryPolicy
-from serving.domain import EmbedResult
 from serving.gateway.app import Gateway
 from serving.metering.journal import Journal
 from serving.metering.ledger import Ledger
 from serving.metering.record import UsageRecord
-from serving.metering.usage import UsageReport
 from serving.models.registry import ModelSpec
 from serving.partners.store import PartnerStore
 from serving.settings import Settings
 from serving.storage.database import Database
+from serving_sdk import ApiError, AsyncClient, EmbedResult, RetryPolicy, UsageReport
 
 
 def record(request_id: str, partner: str = "p_1", tokens: int = 3) -> UsageRecord:

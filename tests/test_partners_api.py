@@ -15,13 +15,13 @@ from conftest import ADMIN_TOKEN, running_gateway
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from serving.client import ApiError, AsyncClient
 from serving.gateway.app import Gateway
 from serving.models.registry import ModelSpec
 from serving.partners.store import PartnerStore
 from serving.plans import Plan
 from serving.settings import Settings
-from serving.v1 import inference_pb2
+from serving_sdk import ApiError, AsyncClient
+from serving_sdk.v1 import inference_pb2
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 EMBED = {"model": "minilm-l6", "texts": ["hello there"]}

@@ -31,7 +31,6 @@ import pytest
 from conftest import POSTGRES_URL, running_gateway
 
 from billing.store import BillingStore
-from serving.client import ApiError, AsyncClient, RetryPolicy
 from serving.errors import Unavailable, describe
 from serving.metering.ledger import Ledger
 from serving.metering.record import UsageRecord
@@ -40,6 +39,7 @@ from serving.partners.auth import Authenticator
 from serving.partners.store import PartnerStore
 from serving.settings import Settings
 from serving.storage.database import Database, DatabaseUnavailable
+from serving_sdk import ApiError, AsyncClient, RetryPolicy
 
 TERMINATE_ALL = (
     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"

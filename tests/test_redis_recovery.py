@@ -35,7 +35,7 @@ from serving.quota.limiter import QuotaBackend, month_of
 from serving.quota.memory import MemoryQuota
 from serving.quota.redis_quota import RedisQuota
 from serving.settings import Settings
-from serving.v1 import inference_pb2
+from serving_sdk.v1 import inference_pb2
 
 MAX_CONCURRENT = 4
 

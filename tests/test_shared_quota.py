@@ -10,11 +10,11 @@ from typing import Any
 import httpx
 from conftest import REDIS_URL, running_gateway
 
-from serving.client import ApiError, AsyncClient
 from serving.models.registry import ModelSpec
 from serving.partners.store import PartnerStore
 from serving.plans import Plan
 from serving.settings import Settings
+from serving_sdk import ApiError, AsyncClient
 
 LIMIT = 40
 ATTEMPTS = 120

@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 from gateway_process import start_gateway_process
 
-from serving.client import AsyncClient
 from serving.settings import Settings
+from serving_sdk import AsyncClient
 
 IN_FLIGHT = 6
 

@@ -11,12 +11,11 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.client import AsyncClient
-from serving.domain import GenerateResult, TextDelta
 from serving.gateway.app import Gateway
 from serving.partners.store import Partner, PartnerStore
 from serving.settings import Settings
 from serving.storage.database import Database
+from serving_sdk import AsyncClient, GenerateResult, TextDelta
 
 MODEL = "smollm2-135m-instruct"
 TOPICS = ["the sea", "a violin", "winter", "bread", "a lighthouse", "trains", "bees", "a library"]
@@ -188,7 +187,7 @@ async def _wait_for_row(gateway: Gateway, settings: Settings, partner_id: str, r
 
 _VANISHING_GRPC_CLIENT = """
 import asyncio, sys
-from serving.client import AsyncClient
+from serving_sdk import AsyncClient
 async def main():
     async with AsyncClient(sys.argv[1], sys.argv[2]) as client:
         async for event in client.generate_stream(sys.argv[3], temperature=0.0, max_tokens=40, request_id=sys.argv[4]):

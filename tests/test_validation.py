@@ -6,8 +6,8 @@ import grpc
 import httpx
 import pytest
 
-from serving.client import ApiError, AsyncClient
-from serving.v1 import inference_pb2
+from serving_sdk import ApiError, AsyncClient
+from serving_sdk.v1 import inference_pb2
 
 EMBED = "minilm-l6"
 GEN = "smollm2-135m-instruct"

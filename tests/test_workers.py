@@ -18,11 +18,11 @@ from conftest import REDIS_URL
 from gateway_process import start_gateway_process
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.client import AsyncClient
 from serving.gateway.workers import PortInUse, Supervisor, WorkerSpec, reserve_port, worker_ops_ports
 from serving.partners.store import PartnerStore
 from serving.settings import Settings
 from serving.storage.database import Database
+from serving_sdk import AsyncClient
 
 # A stand-in worker: ready at once, drains on SIGTERM, stops on stdin EOF (its supervisor died).
 _FAKE_WORKER = """

@@ -42,7 +42,7 @@ from benchlib.workers import run_job
 APP_PREFIX = "rayhop"
 INGRESS_APP = f"{APP_PREFIX}-ingress"  # Serve gRPC ingress: the gateway core's stand-in, handle to the model
 NOOP_INGRESS_APP = f"{APP_PREFIX}-noop-ingress"  # Serve gRPC ingress that is the no-op model itself
-SERVICER = "serving.v1.inference_pb2_grpc.add_InferenceServiceServicer_to_server"
+SERVICER = "serving_sdk.v1.inference_pb2_grpc.add_InferenceServiceServicer_to_server"
 SERVE_NAMESPACE = "serve"
 ENTRY_SCRIPT = LOADTESTS / "bench_rayhop.py"
 WORKER_TIMEOUT_S = 600.0
@@ -99,7 +99,7 @@ def batched(send: Send) -> Send:
 
 def embed_reply(request: Any, rows: Any) -> Any:
     """An ``EmbedResponse`` carrying ``rows`` (a float32 array or float lists), as the gateway answers."""
-    from serving.v1 import inference_pb2
+    from serving_sdk.v1 import inference_pb2
 
     values: list[list[float]] = rows.tolist() if hasattr(rows, "tolist") else list(rows)
     return inference_pb2.EmbedResponse(
@@ -329,7 +329,7 @@ async def client_worker(job: dict[str, Any]) -> Sample:
     """One-text Embed calls over one grpc.aio channel; ``app`` (Serve's proxy) picks the application."""
     import grpc
 
-    from serving.v1 import inference_pb2, inference_pb2_grpc
+    from serving_sdk.v1 import inference_pb2, inference_pb2_grpc
 
     metadata = (("application", job["app"]),) if job.get("app") else None
     async with grpc.aio.insecure_channel(job["target"]) as channel:
@@ -353,7 +353,7 @@ async def serve_front(target_app: str) -> None:
     import grpc
     from ray import serve
 
-    from serving.v1 import inference_pb2_grpc
+    from serving_sdk.v1 import inference_pb2_grpc
 
     send = batched(handle_send(serve.get_app_handle(target_app), grpc_transport=False))
 

@@ -1,7 +1,7 @@
 """Load generation in subprocesses (``bench.py --worker JOB``), so a measured server never shares its event
 loop (or its GIL) with the client that loads it.
 
-Four kinds of job: ``load`` (a ``serving.client.AsyncClient`` on one grpc.aio channel, ``concurrency``
+Four kinds of job: ``load`` (a ``serving_sdk.AsyncClient`` on one grpc.aio channel, ``concurrency``
 closed-loop callers of one-text Embed requests), ``http`` (an ``httpx.AsyncClient`` posting one text per
 request to plain Serve's HTTP proxy), ``raw`` (the MiniLM runner alone, encoding batches) and ``phased``
 (one-text embeds through a gateway's chosen front door, in phases the parent paces over stdin/stdout:
@@ -52,11 +52,15 @@ async def own_connection(client: Any, target: str) -> None:
 async def load_worker(job: dict[str, Any]) -> LoadStats:
     """``channels`` (default 1) clients, caller ``i`` on client ``i % channels``; with ``measure_from`` (an instant
     of the parent's ``time.perf_counter()``: CLOCK_MONOTONIC, shared by processes) the warm-up lasts until then."""
-    from serving.client import AsyncClient
+    from serving_sdk import AsyncClient
 
     channels = int(job.get("channels", 1))
     async with contextlib.AsyncExitStack() as stack:
-        clients = [await stack.enter_async_context(AsyncClient(job["target"], job["api_key"])) for _ in range(channels)]
+        clients = [
+            # No idempotency key per call: the hot-path rows measure what they always did (a key costs a claim).
+            await stack.enter_async_context(AsyncClient(job["target"], job["api_key"], auto_request_id=False))
+            for _ in range(channels)
+        ]
         if channels > 1:
             for client in clients:
                 await own_connection(client, job["target"])
@@ -113,9 +117,9 @@ async def door_caller(door: str, target: str, api_key: str, model: str, connecti
     """``call(index)`` embedding one text through ``door``; ``target`` is host:port for gRPC (one channel), the
     gateway's base URL for the HTTP doors (``connections`` keep-alive connections)."""
     if door == "grpc":
-        from serving.client import AsyncClient
+        from serving_sdk import AsyncClient
 
-        async with AsyncClient(target, api_key) as client:
+        async with AsyncClient(target, api_key, auto_request_id=False) as client:
 
             async def call(index: int) -> None:
                 await client.embed([SENTENCES[index % len(SENTENCES)]], model=model)

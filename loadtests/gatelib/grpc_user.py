@@ -1,4 +1,4 @@
-"""The gRPC user: a custom locust ``User`` over the partner SDK (``serving.client.Client``), reporting each
+"""The gRPC user: a custom locust ``User`` over the partner SDK (``serving_sdk.Client``), reporting each
 call to locust's request events. gRPC runs cooperatively under gevent (``grpc.experimental.gevent``, set up by
 the locustfile's init hook before any channel exists)."""
 
@@ -14,8 +14,7 @@ from locust import User, task
 from gatelib.actor import Actor, Usage
 from gatelib.outcomes import RunFile
 from gatelib.texts import SYSTEM_PROMPT
-from serving.client import ApiError, Client, RetryPolicy
-from serving.domain import ChatMessage, GenerateResult, TextDelta
+from serving_sdk import ApiError, ChatMessage, Client, GenerateResult, RetryPolicy, TextDelta
 
 
 class GrpcApiUser(User):

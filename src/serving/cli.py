@@ -11,6 +11,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from serving import eventloop
 from serving.cli_admin import add_admin_commands
 from serving.gateway.workers import DRAINED_LINE, PortInUse, Supervisor, ready_line, reserve_port, worker_specs
-from serving.models.registry import load_registry
+from serving.models.registry import ModelSpec, load_registry
 from serving.observability import access_log
 from serving.partners.keys import parse_key
 from serving.partners.store import PartnerStore
@@ -90,7 +91,7 @@ Try it:
   curl -s {http}/v1/chat/completions -H "Authorization: Bearer $(cat {settings.demo_key_path})" \\
        -H 'content-type: application/json' \\
        -d '{chat}'
-  .venv/bin/python -m serving.client --target {grpc_addr} --api-key "$(cat {settings.demo_key_path})" \\
+  SERVING_API_KEY="$(cat {settings.demo_key_path})" .venv/bin/serving-sdk --target {grpc_addr} \\
        generate "What is the capital of France?"
 Ctrl-C stops everything.
 """
@@ -291,6 +292,18 @@ def _ray_init(**kwargs: Any) -> None:
         ) from None
 
 
+def _convert_models(specs: list[ModelSpec], cache_dir: Path) -> None:
+    """Converts GGUF sources into the model cache once (the replicas then load the converted files)."""
+    from serving.models.sources import needs_conversion, resolve_model_dir
+
+    for spec in specs:
+        if needs_conversion(spec, cache_dir):
+            print(f"converting {spec.id} from GGUF into {cache_dir} (first start only)...", flush=True)
+            started = time.monotonic()
+            resolve_model_dir(spec, cache_dir)
+            print(f"  converted in {time.monotonic() - started:.0f} s", flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     import ray
     from ray import serve
@@ -304,7 +317,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     store = PartnerStore(Database(settings.partners_db_url))
     key = _demo_key(settings, store)
     specs = load_registry(settings.model_registry)
-    print(f"starting Ray and deploying {len(specs)} models (the first start converts the GGUF model once)...")
+    if settings.ray_address is None:  # a local Ray: convert here, with progress, rather than silently in a replica
+        _convert_models(specs, settings.models_cache)
+    print(f"starting Ray and deploying {len(specs)} models...", flush=True)
     _ray_init(
         address=settings.ray_address,
         num_cpus=settings.ray_num_cpus,
@@ -315,7 +330,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     code = 0
     try:
         serve.start(proxy_location="Disabled")
-        handles = deploy_models(specs, settings.models_cache, settings.serve_app_name)
+        handles = deploy_models(
+            specs, settings.models_cache, settings.serve_app_name, progress=lambda line: print(line, flush=True)
+        )
         if settings.workers > 1:  # the workers attach to this Ray instance as drivers of their own
             code = asyncio.run(_supervise(settings, ray.get_runtime_context().gcs_address, key))
         else:

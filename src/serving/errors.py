@@ -23,6 +23,18 @@ class InvalidInput(ServingError):
     pass
 
 
+class ContextLengthExceeded(InvalidInput):
+    """An input has more tokens than the model (or the gateway's limit) accepts."""
+
+
+class UnsupportedParameter(InvalidInput):
+    """A field of an OpenAI-compatible body asks for a feature this API does not have (e.g. ``tools``)."""
+
+
+class UnsupportedValue(InvalidInput):
+    """A field this API knows, at a value it cannot honour (e.g. ``n`` > 1)."""
+
+
 class PayloadTooLarge(ServingError):
     pass
 
@@ -85,12 +97,18 @@ class ErrorKind:
     http_status: int
     type: str  # the "type" of the HTTP error body (OpenAI style)
     code: str  # the "code" of the HTTP error body
+    openai_code: str = ""  # the "code" on the OpenAI-compatible routes, where OpenAI's name differs from ``code``
 
 
 INTERNAL = ErrorKind("INTERNAL", 500, "server_error", "internal_error")
 
 ERROR_TABLE: dict[type[ServingError], ErrorKind] = {
     InvalidInput: ErrorKind("INVALID_ARGUMENT", 400, "invalid_request_error", "invalid_argument"),
+    ContextLengthExceeded: ErrorKind(
+        "INVALID_ARGUMENT", 400, "invalid_request_error", "invalid_argument", "context_length_exceeded"
+    ),
+    UnsupportedParameter: ErrorKind("INVALID_ARGUMENT", 400, "invalid_request_error", "unsupported_parameter"),
+    UnsupportedValue: ErrorKind("INVALID_ARGUMENT", 400, "invalid_request_error", "unsupported_value"),
     PayloadTooLarge: ErrorKind("INVALID_ARGUMENT", 413, "invalid_request_error", "payload_too_large"),
     Unauthenticated: ErrorKind("UNAUTHENTICATED", 401, "authentication_error", "invalid_api_key"),
     PermissionDenied: ErrorKind("PERMISSION_DENIED", 403, "permission_error", "permission_denied"),
@@ -100,7 +118,7 @@ ERROR_TABLE: dict[type[ServingError], ErrorKind] = {
     RouteNotFound: ErrorKind("UNIMPLEMENTED", 404, "invalid_request_error", "not_found"),
     IdempotencyKeyReused: ErrorKind("FAILED_PRECONDITION", 422, "invalid_request_error", "idempotency_key_reused"),
     RequestInProgress: ErrorKind("ABORTED", 409, "invalid_request_error", "request_in_progress"),
-    QuotaExceeded: ErrorKind("RESOURCE_EXHAUSTED", 429, "rate_limit_error", "quota_exceeded"),
+    QuotaExceeded: ErrorKind("RESOURCE_EXHAUSTED", 429, "rate_limit_error", "quota_exceeded", "rate_limit_exceeded"),
     Overloaded: ErrorKind("UNAVAILABLE", 503, "overloaded_error", "overloaded"),
     Unavailable: ErrorKind("UNAVAILABLE", 503, "server_error", "unavailable"),
     DeadlineExceeded: ErrorKind("DEADLINE_EXCEEDED", 504, "timeout_error", "deadline_exceeded"),
@@ -116,6 +134,23 @@ def describe(error: BaseException) -> ErrorKind:
             if kind is not None:
                 return kind
     return INTERNAL
+
+
+# Quota limits that waiting a minute does not lift: the monthly budget, and a request larger than a minute's tokens.
+NOT_RETRYABLE_QUOTA = frozenset({"monthly_tokens", "tokens_request"})
+
+
+def openai_type_code(error: BaseException) -> tuple[str, str]:
+    """The error body's ``type`` and ``code`` on the OpenAI-compatible routes: OpenAI's names where they differ."""
+    kind = describe(error)
+    if isinstance(error, QuotaExceeded) and error.param == "monthly_tokens":
+        return "insufficient_quota", "insufficient_quota"  # OpenAI's name for a used-up budget
+    return kind.type, kind.openai_code or kind.code
+
+
+def retryable(error: BaseException) -> bool:
+    """Whether the same request can pass after its ``retry_after_s``: not when a wait does not lift the limit."""
+    return not (isinstance(error, QuotaExceeded) and error.param in NOT_RETRYABLE_QUOTA)
 
 
 def public_message(error: BaseException) -> str:

@@ -75,6 +75,9 @@ class Settings:
     # Gateway processes on this machine sharing the partner ports (SO_REUSEPORT); each gets its own ops port
     # (ops_port, ops_port + 1, ...) and journal. More than one needs redis_url (quota shared across processes).
     workers: int = 1
+    # TLS on both partner ports (PEM files; the ops port stays plaintext and private). Both or neither.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     http_timeout_s: float = 60.0
     shutdown_grace_s: float = 20.0
     # After a graceful stop drained every request, the ops listener stays up until one more /metrics scrape reads
@@ -129,6 +132,13 @@ class Settings:
         return self.data_dir / "journal" / self.gateway_id
 
     @property
+    def tls_pem(self) -> tuple[bytes, bytes] | None:
+        """(certificate chain, private key) for the partner ports, or None: plaintext."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        return self.tls_cert_file.read_bytes(), self.tls_key_file.read_bytes()
+
+    @property
     def admin_token_path(self) -> Path:
         return self.data_dir / "admin-token"
 
@@ -145,6 +155,11 @@ class Settings:
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise SettingsError(f"{name} must be in 0..65535; got {port}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise SettingsError("tls_cert_file and tls_key_file go together: set both (TLS) or neither (plaintext)")
+        for tls_file in (self.tls_cert_file, self.tls_key_file):
+            if tls_file is not None and not tls_file.is_file():
+                raise SettingsError(f"TLS file {tls_file} does not exist")
         if self.workers < 1:
             raise SettingsError(f"workers must be >= 1; got {self.workers}")
         if self.ops_port and self.ops_port + self.workers - 1 > 65535:

@@ -229,16 +229,19 @@ class Gateway:
             self._final_scrape.set()
 
     async def _serve_http(
-        self, app: Any, host: str, port: int, reuse_port: bool = False
+        self, app: Any, host: str, port: int, reuse_port: bool = False, tls: bool = False
     ) -> tuple[uvicorn.Server, asyncio.Task[None], int]:
         # Bind the socket ourselves so the port (possibly 0) is known before serving starts.
         sock = socket.create_server((host, port), reuse_port=reuse_port)
+        s = self.settings
         config = uvicorn.Config(
             app,
             log_level="warning",
-            timeout_graceful_shutdown=int(max(1, self.settings.shutdown_grace_s)),
+            timeout_graceful_shutdown=int(max(1, s.shutdown_grace_s)),
             lifespan="off",
             access_log=False,
+            ssl_certfile=s.tls_cert_file if tls else None,
+            ssl_keyfile=s.tls_key_file if tls else None,
         )
         server = _Listener(config)
         # The socket already listens, so connections queue until uvicorn accepts them.
@@ -251,7 +254,7 @@ class Gateway:
         s = self.settings
         self._replica_task = asyncio.create_task(self.poll_replicas())
         grpc_server, self.grpc_port, self._health = await build_grpc_server(
-            self.core, s.grpc_host, s.grpc_port, s.limits.max_request_bytes, s.http_timeout_s, reuse_port
+            self.core, s.grpc_host, s.grpc_port, s.limits.max_request_bytes, s.http_timeout_s, reuse_port, s.tls_pem
         )
         await grpc_server.start()
         self._grpc_server = grpc_server
@@ -259,7 +262,8 @@ class Gateway:
         partner_app = build_http_app(
             self.core, HttpConfig(s.limits.max_request_bytes, s.http_timeout_s), self.readiness
         )
-        self._http = await self._serve_http(partner_app, s.http_host, s.http_port, reuse_port)
+        tls = s.tls_cert_file is not None
+        self._http = await self._serve_http(partner_app, s.http_host, s.http_port, reuse_port, tls)
         self.http_port = self._http[2]
         admin = admin_router(self.store, self.ledger.db, s.admin_token)
         ops_app = build_ops_app(self.metrics, self.readiness, admin, on_scrape=self._scraped)

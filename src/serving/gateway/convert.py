@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from serving.domain import (
     ChatMessage,
-    Classification,
     ClassifyRequest,
     ClassifyResult,
     EmbedRequest,
@@ -19,8 +18,8 @@ from serving.domain import (
     TextDelta,
     Usage,
 )
-from serving.metering.usage import UsageReport, UsageRow
-from serving.v1 import common_pb2, inference_pb2, models_pb2, usage_pb2
+from serving.metering.usage import UsageReport
+from serving_sdk.v1 import common_pb2, inference_pb2, models_pb2, usage_pb2
 
 _FINISH = {
     FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
@@ -115,93 +114,6 @@ def models_response(models: list[ModelInfo]) -> models_pb2.ListModelsResponse:
     )
 
 
-# --- the client's direction: domain → request messages, response messages → domain --------------------
-
-_FINISH_BACK = {wire: reason for reason, wire in _FINISH.items()}
-_TASK_BACK = {wire: task for task, wire in _TASK.items()}
-
-
-def _usage_back(usage: common_pb2.Usage) -> Usage:
-    return Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
-
-
-def embed_request_message(req: EmbedRequest) -> inference_pb2.EmbedRequest:
-    return inference_pb2.EmbedRequest(model=req.model, texts=req.texts, request_id=req.request_id)
-
-
-def embed_result(msg: inference_pb2.EmbedResponse) -> EmbedResult:
-    return EmbedResult(
-        model=msg.model,
-        embeddings=[list(e.values) for e in msg.embeddings],
-        usage=_usage_back(msg.usage),
-        request_id=msg.request_id,
-    )
-
-
-def classify_request_message(req: ClassifyRequest) -> inference_pb2.ClassifyRequest:
-    return inference_pb2.ClassifyRequest(model=req.model, texts=req.texts, labels=req.labels, request_id=req.request_id)
-
-
-def classify_result(msg: inference_pb2.ClassifyResponse) -> ClassifyResult:
-    return ClassifyResult(
-        model=msg.model,
-        results=[Classification(r.label, [(s.label, s.score) for s in r.scores]) for r in msg.results],
-        usage=_usage_back(msg.usage),
-        request_id=msg.request_id,
-    )
-
-
-def generate_request_message(req: GenerateRequest) -> inference_pb2.GenerateRequest:
-    msg = inference_pb2.GenerateRequest(
-        model=req.model,
-        messages=[inference_pb2.ChatMessage(role=m.role, content=m.content) for m in req.messages],
-        prompt=req.prompt,
-        max_tokens=req.max_tokens or 0,
-        stop=req.stop,
-        request_id=req.request_id,
-    )
-    if req.temperature is not None:
-        msg.temperature = req.temperature
-    if req.top_p is not None:
-        msg.top_p = req.top_p
-    if req.seed is not None:
-        msg.seed = req.seed
-    return msg
-
-
-def generate_result(msg: inference_pb2.GenerateResponse) -> GenerateResult:
-    return GenerateResult(
-        model=msg.model,
-        text=msg.text,
-        finish_reason=_FINISH_BACK.get(msg.finish_reason, FinishReason.STOP),
-        usage=_usage_back(msg.usage),
-        request_id=msg.request_id,
-    )
-
-
-def stream_event_back(msg: inference_pb2.GenerateStreamResponse) -> StreamEvent:
-    if msg.WhichOneof("event") == "delta":
-        return TextDelta(msg.delta, msg.output_tokens)
-    return generate_result(msg.final)
-
-
-def models_back(msg: models_pb2.ListModelsResponse) -> list[ModelInfo]:
-    return [
-        ModelInfo(
-            id=m.id,
-            task=_TASK_BACK[m.task],
-            dimensions=m.dimensions,
-            max_input_tokens=m.max_input_tokens,
-            ready=m.ready,
-        )
-        for m in msg.models
-    ]
-
-
-def list_models_request() -> models_pb2.ListModelsRequest:
-    return models_pb2.ListModelsRequest()
-
-
 # --- usage ---------------------------------------------------------------------------------------------
 
 
@@ -226,8 +138,3 @@ def usage_response(report: UsageReport) -> usage_pb2.GetUsageResponse:
             for r in report.rows
         ],
     )
-
-
-def usage_report(msg: usage_pb2.GetUsageResponse) -> UsageReport:
-    rows = [UsageRow(r.day, r.model, r.operation, r.requests, r.input_tokens, r.output_tokens) for r in msg.rows]
-    return UsageReport(msg.partner_id, msg.start_day, msg.end_day, rows)

@@ -31,7 +31,7 @@ from serving.errors import (
 from serving.gateway import convert
 from serving.gateway.core import CallContext, Core, ResponseMeta
 from serving.gateway.headers import response_pairs, retry_after
-from serving.v1 import inference_pb2, models_pb2, usage_pb2
+from serving_sdk.v1 import inference_pb2, models_pb2, usage_pb2
 
 INFERENCE_SERVICE = "serving.v1.InferenceService"
 MODEL_SERVICE = "serving.v1.ModelService"
@@ -246,12 +246,18 @@ class Health:
 
 
 async def build_grpc_server(
-    core: Core, host: str, port: int, max_request_bytes: int, max_timeout_s: float, reuse_port: bool = False
+    core: Core,
+    host: str,
+    port: int,
+    max_request_bytes: int,
+    max_timeout_s: float,
+    reuse_port: bool = False,
+    tls_pem: tuple[bytes, bytes] | None = None,
 ) -> tuple[grpc.aio.Server, int, Health]:
     """The server with inference, models, health and reflection; returns it with its bound port and health.
 
     ``reuse_port``: gateway worker processes share the port (SO_REUSEPORT). Off otherwise, so that a port in use is
-    an error rather than silently shared with another server."""
+    an error rather than silently shared with another server. ``tls_pem``: (certificate chain, key) for TLS."""
     # grpc's own cap sits well above ours so that oversize bodies reach our check and get INVALID_ARGUMENT.
     cap = max(16 * 1024 * 1024, 4 * max_request_bytes)
     options = [("grpc.max_receive_message_length", cap), ("grpc.so_reuseport", int(reuse_port))]
@@ -262,6 +268,10 @@ async def build_grpc_server(
     reflection.enable_server_reflection(
         (INFERENCE_SERVICE, MODEL_SERVICE, USAGE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls_pem is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        cert_chain, key = tls_pem
+        bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, cert_chain)]))
     await health_state.starting()
     return server, bound, health_state

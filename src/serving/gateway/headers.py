@@ -37,3 +37,8 @@ def response_pairs(meta: ResponseMeta) -> list[tuple[str, str]]:
 def retry_after(seconds: float) -> str:
     """Whole seconds, rounded up (HTTP Retry-After has no fractions)."""
     return str(max(1, math.ceil(seconds)))
+
+
+def retry_after_ms(seconds: float) -> str:
+    """Milliseconds, rounded up, at least 1 (``retry-after-ms``, which OpenAI's clients prefer to ``retry-after``)."""
+    return str(max(1, math.ceil(seconds * 1000)))

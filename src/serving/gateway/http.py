@@ -43,18 +43,7 @@ def usage_body(result: GenerateResult) -> schemas.UsageBody:
 
 
 def model_list(models: list[ModelInfo]) -> schemas.ModelList:
-    return schemas.ModelList(
-        data=[
-            schemas.ModelCard(
-                id=m.id,
-                task=m.task.value,
-                dimensions=m.dimensions,
-                max_input_tokens=m.max_input_tokens,
-                ready=m.ready,
-            )
-            for m in models
-        ]
-    )
+    return schemas.ModelList(data=[schemas.ModelCard.of(m) for m in models])
 
 
 def _generate_request(body: schemas.GenerateBody, request: Request) -> GenerateRequest:

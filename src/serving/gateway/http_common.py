@@ -14,10 +14,19 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.errors import InvalidInput, PayloadTooLarge, RouteNotFound, ServingError, describe, public_message
+from serving.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    RouteNotFound,
+    ServingError,
+    describe,
+    openai_type_code,
+    public_message,
+    retryable,
+)
 from serving.gateway import http_schemas as schemas
 from serving.gateway.core import CallContext
-from serving.gateway.headers import response_pairs, retry_after
+from serving.gateway.headers import response_pairs, retry_after, retry_after_ms
 from serving.gateway.stream import EventStream
 
 log = logging.getLogger("serving.http")
@@ -33,29 +42,35 @@ class HttpConfig:
     timeout_s: float
 
 
-def error_response(exc: BaseException) -> JSONResponse:
+def error_response(exc: BaseException, *, openai: bool = False) -> JSONResponse:
+    """The error body and headers; ``openai``: with OpenAI's codes (the OpenAI-compatible routes)."""
     kind = describe(exc)
+    type_, code = openai_type_code(exc) if openai else (kind.type, kind.code)
     param = exc.param if isinstance(exc, ServingError) else None
     headers = {}
     if isinstance(exc, ServingError) and exc.retry_after_s is not None:
         headers["retry-after"] = retry_after(exc.retry_after_s)
-    body = schemas.error_body(public_message(exc), kind.type, kind.code, param)
+        headers["retry-after-ms"] = retry_after_ms(exc.retry_after_s)
+        if not retryable(exc):
+            headers["x-should-retry"] = "false"  # OpenAI's clients would otherwise retry a 429 that cannot pass
+    body = schemas.error_body(public_message(exc), type_, code, param)
     return JSONResponse(body, status_code=kind.http_status, headers=headers)
 
 
-def validation_response(exc: RequestValidationError) -> JSONResponse:
+def validation_error(exc: RequestValidationError) -> ServingError:
+    """FastAPI's body validation failure as the domain error naming the first bad field."""
     first = exc.errors()[0] if exc.errors() else {}
     if first.get("type") == "json_invalid":
         message = f"the body is not valid JSON (UTF-8): {first.get('ctx', {}).get('error', '')}".strip()
-        return error_response(_invalid(message, None))
+        return InvalidInput(message)
     loc = [part for part in first.get("loc", ()) if part != "body"]
     param = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
     message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-    return error_response(_invalid(message, param or None))
+    return InvalidInput(message, param=param or None)
 
 
-def _invalid(message: str, param: str | None) -> ServingError:
-    return InvalidInput(message, param=param)
+def validation_response(exc: RequestValidationError) -> JSONResponse:
+    return error_response(validation_error(exc))
 
 
 class BodyLimit:
@@ -123,7 +138,7 @@ def call_context(request: Request, config: HttpConfig) -> CallContext:
         try:
             timeout = min(timeout, max(float(raw), 0.0))
         except ValueError as exc:
-            raise _invalid("x-request-timeout must be a number of seconds", "x-request-timeout") from exc
+            raise InvalidInput("x-request-timeout must be a number of seconds", param="x-request-timeout") from exc
     ctx = CallContext(
         api_key=token.strip() if scheme.lower() == "bearer" else None,
         timeout_s=timeout,

@@ -5,9 +5,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from serving.domain import ChatMessage
+from serving.domain import ChatMessage, ModelInfo
 from serving.metering.usage import UsageRow
 
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
@@ -104,6 +115,16 @@ class ModelCard(BaseModel):
     max_input_tokens: int
     ready: bool
 
+    @classmethod
+    def of(cls, model: ModelInfo) -> ModelCard:
+        return cls(
+            id=model.id,
+            task=model.task.value,
+            dimensions=model.dimensions,
+            max_input_tokens=model.max_input_tokens,
+            ready=model.ready,
+        )
+
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
@@ -111,16 +132,35 @@ class ModelList(BaseModel):
 
 
 # --- OpenAI-compatible ------------------------------------------------------------------------------------
+# Unknown fields are accepted and ignored (OpenAI clients send many harmless ones: user, metadata, store, ...).
+# Fields that would change the answer and that this API cannot honour are declared here so that the route can
+# reject them clearly (``http_openai.check_chat`` and ``check_completion``) instead of ignoring them.
+
+Number = StrictFloat | StrictInt
+# A string, strings, token ids or token-id lists: what OpenAI accepts as an embeddings ``input`` or a ``prompt``.
+TextsOrTokens = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+
+
+def _texts_or_tokens(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """One clear message instead of one per member of the union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise PydanticCustomError(
+            "texts_or_tokens", "must be a string, a list of strings, a list of token ids or a list of token-id lists"
+        ) from None
 
 
 class OpenAIEmbeddingsBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: StrictStr
-    input: StrictStr | list[StrictStr]
+    input: TextsOrTokens
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = None
     user: StrictStr | None = None
+
+    _input_shape = field_validator("input", mode="wrap")(_texts_or_tokens)
 
 
 class TextPart(BaseModel):
@@ -145,21 +185,58 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class OpenAIChatBody(BaseModel):
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: StrictStr
+
+
+class OpenAIGenerationBody(BaseModel):
+    """What chat and legacy completions share."""
+
     model_config = ConfigDict(extra="allow")
 
     model: StrictStr
-    messages: list[OpenAIMessage]
     max_tokens: NonNegInt | None = None
-    max_completion_tokens: NonNegInt | None = None
-    temperature: StrictFloat | StrictInt | None = None
-    top_p: StrictFloat | StrictInt | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
     stop: StrictStr | list[StrictStr] | None = None
     seed: NonNegInt | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=1)] = 1
+    n: StrictInt = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    # Accepted at their neutral value (0, empty), rejected otherwise.
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict[str, Number] | None = None
+
+
+class OpenAIChatBody(OpenAIGenerationBody):
+    messages: list[OpenAIMessage]
+    max_completion_tokens: NonNegInt | None = None
+    # Features this API does not have: rejected unless absent or neutral (empty, "none", "text", false).
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: StrictInt | None = None
+    audio: Any = None
+    modalities: list[StrictStr] | None = None
+    web_search_options: Any = None
+
+
+class OpenAICompletionBody(OpenAIGenerationBody):
+    prompt: TextsOrTokens
+    # Features this API does not have: rejected unless absent or neutral.
+    echo: bool | None = None
+    best_of: StrictInt | None = None
+    logprobs: StrictInt | None = None
+    suffix: StrictStr | None = None
+
+    _prompt_shape = field_validator("prompt", mode="wrap")(_texts_or_tokens)
 
 
 class ErrorDetail(BaseModel):

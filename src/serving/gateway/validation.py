@@ -7,7 +7,7 @@ import re
 import uuid
 
 from serving.domain import GenerateRequest, SamplingParams
-from serving.errors import InvalidInput
+from serving.errors import ContextLengthExceeded, InvalidInput
 from serving.models.codec import TextCodec
 from serving.models.registry import ModelSpec
 from serving.settings import Limits
@@ -39,7 +39,7 @@ def texts(values: list[str], limits: Limits, codec: TextCodec, spec: ModelSpec, 
     cap = min(limits.max_text_tokens, spec.max_input_tokens)
     for i, count in enumerate(counts):
         if count > cap:
-            raise InvalidInput(
+            raise ContextLengthExceeded(
                 f"{field}[{i}] has {count} tokens; {spec.id} accepts at most {cap} (longer text is rejected,"
                 " not truncated: split it)",
                 param=f"{field}[{i}]",
@@ -103,7 +103,7 @@ def prompt_ids(req: GenerateRequest, codec: TextCodec, spec: ModelSpec, limits: 
     cap = min(limits.max_prompt_tokens, spec.max_input_tokens)
     if len(ids) > cap:
         field = "messages" if req.messages else "prompt"
-        raise InvalidInput(f"{field} has {len(ids)} tokens; {spec.id} accepts at most {cap}", param=field)
+        raise ContextLengthExceeded(f"{field} has {len(ids)} tokens; {spec.id} accepts at most {cap}", param=field)
     return ids
 
 

@@ -6,7 +6,8 @@ gateway micro-batch); generation replicas run the streaming engine.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,14 +125,42 @@ def build_application(spec: ModelSpec, cache_dir: Path) -> serve.Application:
     return application
 
 
-def deploy_models(specs: list[ModelSpec], cache_dir: Path, app_prefix: str) -> dict[str, DeploymentHandle[Any]]:
-    """Deploys every model (one Serve application each) and waits until all are running."""
+def deploy_models(
+    specs: list[ModelSpec], cache_dir: Path, app_prefix: str, progress: Callable[[str], None] | None = None
+) -> dict[str, DeploymentHandle[Any]]:
+    """Deploys every model (one Serve application each) and waits until all are running; ``progress`` hears each
+    model become ready (and, every ``_PROGRESS_EVERY_S``, which are still deploying)."""
     targets = [
         serve.RunTarget(build_application(spec, cache_dir), name=f"{app_prefix}-{spec.id}", route_prefix=None)
         for spec in specs
     ]
-    handles = serve.run_many(targets, wait_for_applications_running=True)
+    handles = serve.run_many(targets, wait_for_applications_running=progress is None)
+    if progress is not None:
+        _wait_running({f"{app_prefix}-{spec.id}": spec.id for spec in specs}, progress)
     return {spec.id: handle for spec, handle in zip(specs, handles, strict=True)}
+
+
+_PROGRESS_EVERY_S = 15.0
+
+
+def _wait_running(apps: dict[str, str], progress: Callable[[str], None]) -> None:
+    """Polls the Serve controller until every application runs; a failed deployment raises with Serve's message."""
+    started = last_note = time.monotonic()
+    waiting = dict(apps)
+    while waiting:
+        statuses = serve.status().applications
+        for app, model in list(waiting.items()):
+            status = statuses.get(app)
+            if status is not None and status.status == "RUNNING":
+                progress(f"  {model} ready ({time.monotonic() - started:.0f} s)")
+                del waiting[app]
+            elif status is not None and status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise RuntimeError(f"model {model} failed to deploy: {status.message}")
+        if waiting and time.monotonic() - last_note >= _PROGRESS_EVERY_S:
+            last_note = time.monotonic()
+            progress(f"  still deploying: {', '.join(waiting.values())} ({last_note - started:.0f} s)")
+        if waiting:
+            time.sleep(0.5)
 
 
 def attach_models(specs: list[ModelSpec], app_prefix: str) -> dict[str, DeploymentHandle[Any]]:

@@ -51,6 +51,15 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
     os.replace(staging, target)
 
 
+def _converted_dir(spec: ModelSpec, cache_dir: Path) -> Path:
+    return cache_dir / f"{spec.id}-{Path(spec.source.gguf or '').stem}"
+
+
+def needs_conversion(spec: ModelSpec, cache_dir: Path) -> bool:
+    """Whether ``resolve_model_dir`` will convert a GGUF file (the first time only)."""
+    return bool(spec.source.gguf) and not (_converted_dir(spec, cache_dir) / "config.json").exists()
+
+
 def resolve_model_dir(spec: ModelSpec, cache_dir: Path) -> Path:
     base = _base_dir(spec.source)
     if not spec.source.gguf:
@@ -60,7 +69,7 @@ def resolve_model_dir(spec: ModelSpec, cache_dir: Path) -> Path:
     gguf_path = base / spec.source.gguf
     if not gguf_path.exists():
         raise SourceError(f"model {spec.id}: GGUF file {gguf_path} not found")
-    target = cache_dir / f"{spec.id}-{gguf_path.stem}"
+    target = _converted_dir(spec, cache_dir)
     if (target / "config.json").exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)

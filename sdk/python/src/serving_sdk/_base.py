@@ -1,0 +1,205 @@
+"""What the sync and async clients share: configuration, credentials, request messages, result parsing and the
+per-call bookkeeping (idempotency key, deadline). The clients add only the transport calls."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from serving_sdk.errors import ApiError, ConfigurationError
+from serving_sdk.retry import RetryPolicy
+from serving_sdk.types import (
+    ChatMessage,
+    Classification,
+    ClassifyResult,
+    EmbedResult,
+    FinishReason,
+    GenerateResult,
+    ModelInfo,
+    StreamEvent,
+    Task,
+    TextDelta,
+    Usage,
+    UsageReport,
+    UsageRow,
+)
+from serving_sdk.v1 import common_pb2, inference_pb2, models_pb2, usage_pb2
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_EMBED_MODEL = "minilm-l6"
+DEFAULT_CLASSIFY_MODEL = "zero-shot"
+DEFAULT_GENERATE_MODEL = "smollm2-135m-instruct"
+ENV_API_KEY = "SERVING_API_KEY"
+ENV_TARGET = "SERVING_TARGET"
+
+Prompt = str | Sequence[ChatMessage]
+
+_FINISH = {
+    inference_pb2.FINISH_REASON_STOP: FinishReason.STOP,
+    inference_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    inference_pb2.FINISH_REASON_CANCELLED: FinishReason.CANCELLED,
+}
+_TASK = {
+    models_pb2.TASK_EMBED: Task.EMBED,
+    models_pb2.TASK_CLASSIFY: Task.CLASSIFY,
+    models_pb2.TASK_GENERATE: Task.GENERATE,
+}
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    target: str
+    api_key: str
+    credentials: grpc.ChannelCredentials | None  # None: plaintext
+    timeout_s: float | None  # the whole logical call, retries included
+    retry: RetryPolicy
+    auto_request_id: bool
+
+    @staticmethod
+    def resolve(
+        target: str | None,
+        api_key: str | None,
+        *,
+        tls: bool | None,
+        ca_file: str | Path | None,
+        timeout_s: float | None,
+        retry: RetryPolicy | None,
+        auto_request_id: bool,
+    ) -> ClientConfig:
+        key = api_key or os.environ.get(ENV_API_KEY, "")
+        if not key:
+            raise ConfigurationError(f"no API key: pass api_key= or set {ENV_API_KEY}")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ConfigurationError("timeout_s must be > 0 (or None for no deadline)")
+        return ClientConfig(
+            target=target or os.environ.get(ENV_TARGET, DEFAULT_TARGET),
+            api_key=key,
+            credentials=_credentials(tls, ca_file),
+            timeout_s=timeout_s,
+            retry=retry or RetryPolicy(),
+            auto_request_id=auto_request_id,
+        )
+
+
+def _credentials(tls: bool | None, ca_file: str | Path | None) -> grpc.ChannelCredentials | None:
+    """TLS when asked for or when a CA file is given: that CA, else the system's roots (grpc's bundled set)."""
+    if ca_file is None:
+        return grpc.ssl_channel_credentials() if tls else None
+    if tls is False:
+        raise ConfigurationError("ca_file is only used with TLS; drop tls=False or ca_file")
+    try:
+        roots = Path(ca_file).read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read ca_file {ca_file}: {exc}") from exc
+    return grpc.ssl_channel_credentials(root_certificates=roots)
+
+
+class Call:
+    """One logical call: its idempotency key (the same on every attempt) and its deadline."""
+
+    def __init__(self, config: ClientConfig, request_id: str) -> None:
+        self.request_id = request_id or (uuid.uuid4().hex if config.auto_request_id else "")
+        self.metadata = (("authorization", f"Bearer {config.api_key}"),)
+        self._deadline = None if config.timeout_s is None else time.monotonic() + config.timeout_s
+        self._config = config
+
+    def remaining_s(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def retry_delay(self, attempt: int, error: ApiError) -> float | None:
+        return self._config.retry.delay_before_retry(attempt, error, self.remaining_s())
+
+
+# --- request messages ----------------------------------------------------------------------------------------
+
+
+def embed_request(texts: Sequence[str], model: str, request_id: str) -> inference_pb2.EmbedRequest:
+    return inference_pb2.EmbedRequest(model=model, texts=_texts(texts), request_id=request_id)
+
+
+def classify_request(
+    texts: Sequence[str], labels: Sequence[str], model: str, request_id: str
+) -> inference_pb2.ClassifyRequest:
+    return inference_pb2.ClassifyRequest(model=model, texts=_texts(texts), labels=list(labels), request_id=request_id)
+
+
+def generate_request(
+    prompt: Prompt,
+    model: str,
+    request_id: str,
+    *,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    stop: Sequence[str],
+    seed: int | None,
+) -> inference_pb2.GenerateRequest:
+    """A string is one user message (chat template applied); a list of ChatMessage is the conversation."""
+    messages = [ChatMessage("user", prompt)] if isinstance(prompt, str) else list(prompt)
+    msg = inference_pb2.GenerateRequest(
+        model=model,
+        messages=[inference_pb2.ChatMessage(role=m.role, content=m.content) for m in messages],
+        max_tokens=max_tokens or 0,
+        stop=list(stop),
+        request_id=request_id,
+    )
+    if temperature is not None:
+        msg.temperature = temperature
+    if top_p is not None:
+        msg.top_p = top_p
+    if seed is not None:
+        msg.seed = seed
+    return msg
+
+
+def usage_request(start_day: str, end_day: str) -> usage_pb2.GetUsageRequest:
+    return usage_pb2.GetUsageRequest(start_day=start_day, end_day=end_day)
+
+
+def _texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):  # a lone string would be sent as one text per character
+        raise TypeError("texts must be a list of strings; wrap a single text in a list")
+    return list(texts)
+
+
+# --- results -----------------------------------------------------------------------------------------------
+
+
+def _usage(usage: common_pb2.Usage) -> Usage:
+    return Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
+
+
+def embed_result(msg: inference_pb2.EmbedResponse) -> EmbedResult:
+    embeddings = [list(e.values) for e in msg.embeddings]
+    return EmbedResult(msg.model, embeddings, _usage(msg.usage), msg.request_id)
+
+
+def classify_result(msg: inference_pb2.ClassifyResponse) -> ClassifyResult:
+    results = [Classification(r.label, [(s.label, s.score) for s in r.scores]) for r in msg.results]
+    return ClassifyResult(msg.model, results, _usage(msg.usage), msg.request_id)
+
+
+def generate_result(msg: inference_pb2.GenerateResponse) -> GenerateResult:
+    reason = _FINISH.get(msg.finish_reason, FinishReason.STOP)
+    return GenerateResult(msg.model, msg.text, reason, _usage(msg.usage), msg.request_id)
+
+
+def stream_event(msg: inference_pb2.GenerateStreamResponse) -> StreamEvent:
+    if msg.WhichOneof("event") == "delta":
+        return TextDelta(msg.delta, msg.output_tokens)
+    return generate_result(msg.final)
+
+
+def models_result(msg: models_pb2.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo(m.id, _TASK[m.task], m.dimensions, m.max_input_tokens, m.ready) for m in msg.models]
+
+
+def usage_result(msg: usage_pb2.GetUsageResponse) -> UsageReport:
+    rows = [UsageRow(r.day, r.model, r.operation, r.requests, r.input_tokens, r.output_tokens) for r in msg.rows]
+    return UsageReport(msg.partner_id, msg.start_day, msg.end_day, rows)

@@ -8,6 +8,7 @@ import datetime
 import ipaddress
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -38,11 +39,23 @@ def _run(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return done
 
 
+def _checkout_copy(source: Path, target: Path) -> Path:
+    """sdk/python as a clean checkout has it: protos copied in, no generated stubs, no build leftovers."""
+
+    def leave_out(directory: str, names: list[str]) -> set[str]:
+        generated = {"v1"} if Path(directory).name == "serving_sdk" else set()
+        return generated | {n for n in names if n == "build" or n.endswith(".egg-info") or n == "__pycache__"}
+
+    shutil.copytree(source, target, symlinks=False, ignore=leave_out)
+    return target
+
+
 @pytest.fixture(scope="module")
 def sdk_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``pip wheel sdk/python``: an isolated build (setuptools + grpcio-tools from PyPI) that generates the stubs."""
     out = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT / "sdk" / "python")])
+    source = _checkout_copy(ROOT / "sdk" / "python", tmp_path_factory.mktemp("sdk") / "python")
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(source)])
     (wheel,) = out.glob("serving_partner_sdk-*.whl")
     return wheel
 

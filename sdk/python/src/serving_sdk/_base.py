@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypedDict
 
 import grpc
 
@@ -29,7 +30,15 @@ from serving_sdk.types import (
     UsageReport,
     UsageRow,
 )
-from serving_sdk.v1 import common_pb2, inference_pb2, models_pb2, usage_pb2
+from serving_sdk.v1 import (
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_EMBED_MODEL = "minilm-l6"
@@ -116,45 +125,88 @@ class Call:
         return self._config.retry.delay_before_retry(attempt, error, self.remaining_s())
 
 
+class Sampling(TypedDict, total=False):
+    """Generation settings; unset ones take the gateway's defaults."""
+
+    max_tokens: int | None  # upper bound on generated tokens (default 128)
+    temperature: float | None  # 0 is greedy (deterministic); default 1.0
+    top_p: float | None  # nucleus sampling mass in (0, 1]
+    stop: Sequence[str]  # generation stops before any of these (at most 4)
+    seed: int | None  # fixes sampling for reproducible output
+
+
+class ClientBase:
+    """What ``Client`` and ``AsyncClient`` share: configuration, the stubs, and each call's message and bookkeeping.
+    A subclass opens the channel (blocking or asyncio) and makes the transport calls.
+
+    ``target`` and ``api_key`` default from ``SERVING_TARGET`` (else 127.0.0.1:50051) and ``SERVING_API_KEY``.
+    ``tls=True`` verifies the gateway against the system's roots, ``ca_file=`` against that CA. ``timeout_s`` bounds
+    each logical call, retries included. Every call carries an idempotency key (``request_id``, generated when not
+    given and the same on each retry), so a retry never runs or bills a call twice."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        api_key: str | None = None,
+        *,
+        tls: bool | None = None,
+        ca_file: str | Path | None = None,
+        timeout_s: float | None = 60.0,
+        retry: RetryPolicy | None = None,
+        auto_request_id: bool = True,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.config = ClientConfig.resolve(
+            target, api_key, tls=tls, ca_file=ca_file, timeout_s=timeout_s, retry=retry, auto_request_id=auto_request_id
+        )
+        self._channel = self._open_channel(list(channel_options))
+        self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
+        self._models = models_pb2_grpc.ModelServiceStub(self._channel)
+        self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
+
+    def _open_channel(self, options: list[tuple[str, Any]]) -> Any:
+        raise NotImplementedError
+
+    def _embed(self, texts: Sequence[str], model: str, request_id: str) -> tuple[Call, inference_pb2.EmbedRequest]:
+        call = Call(self.config, request_id)
+        return call, inference_pb2.EmbedRequest(model=model, texts=_texts(texts), request_id=call.request_id)
+
+    def _classify(
+        self, texts: Sequence[str], labels: Sequence[str], model: str, request_id: str
+    ) -> tuple[Call, inference_pb2.ClassifyRequest]:
+        call = Call(self.config, request_id)
+        msg = inference_pb2.ClassifyRequest(model=model, texts=_texts(texts), labels=list(labels))
+        msg.request_id = call.request_id
+        return call, msg
+
+    def _generate(
+        self, prompt: Prompt, model: str, request_id: str, sampling: Sampling
+    ) -> tuple[Call, inference_pb2.GenerateRequest]:
+        call = Call(self.config, request_id)
+        return call, generate_request(prompt, model, call.request_id, sampling)
+
+    def _call(self) -> Call:
+        """A call that needs no idempotency key (reads)."""
+        return Call(self.config, "")
+
+
 # --- request messages ----------------------------------------------------------------------------------------
 
 
-def embed_request(texts: Sequence[str], model: str, request_id: str) -> inference_pb2.EmbedRequest:
-    return inference_pb2.EmbedRequest(model=model, texts=_texts(texts), request_id=request_id)
-
-
-def classify_request(
-    texts: Sequence[str], labels: Sequence[str], model: str, request_id: str
-) -> inference_pb2.ClassifyRequest:
-    return inference_pb2.ClassifyRequest(model=model, texts=_texts(texts), labels=list(labels), request_id=request_id)
-
-
-def generate_request(
-    prompt: Prompt,
-    model: str,
-    request_id: str,
-    *,
-    max_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    stop: Sequence[str],
-    seed: int | None,
-) -> inference_pb2.GenerateRequest:
+def generate_request(prompt: Prompt, model: str, request_id: str, sampling: Sampling) -> inference_pb2.GenerateRequest:
     """A string is one user message (chat template applied); a list of ChatMessage is the conversation."""
     messages = [ChatMessage("user", prompt)] if isinstance(prompt, str) else list(prompt)
     msg = inference_pb2.GenerateRequest(
         model=model,
         messages=[inference_pb2.ChatMessage(role=m.role, content=m.content) for m in messages],
-        max_tokens=max_tokens or 0,
-        stop=list(stop),
+        max_tokens=sampling.get("max_tokens") or 0,
+        stop=list(sampling.get("stop", ())),
         request_id=request_id,
     )
-    if temperature is not None:
-        msg.temperature = temperature
-    if top_p is not None:
-        msg.top_p = top_p
-    if seed is not None:
-        msg.seed = seed
+    for name in ("temperature", "top_p", "seed"):
+        value = sampling.get(name)
+        if value is not None:
+            setattr(msg, name, value)
     return msg
 
 

@@ -1,55 +1,31 @@
-"""The asyncio client (grpc.aio). The same calls as ``serving_sdk.Client``, awaitable."""
+"""The asyncio client (grpc.aio): the same calls as ``serving_sdk.Client``, awaitable."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 
 from serving_sdk import _base
-from serving_sdk._base import Call, ClientConfig, Prompt
+from serving_sdk._base import Call, ClientBase, Prompt, Sampling
 from serving_sdk.errors import api_error
-from serving_sdk.retry import RetryPolicy
 from serving_sdk.types import ClassifyResult, EmbedResult, GenerateResult, ModelInfo, StreamEvent, UsageReport
-from serving_sdk.v1 import inference_pb2_grpc, models_pb2, models_pb2_grpc, usage_pb2_grpc
+from serving_sdk.v1 import models_pb2
 
 R = TypeVar("R")
 T = TypeVar("T")
 
 
-class AsyncClient:
-    """``AsyncClient(target, api_key)``; both default from ``SERVING_TARGET`` / ``SERVING_API_KEY``.
+class AsyncClient(ClientBase):
+    __doc__ = ClientBase.__doc__
 
-    ``tls=True`` verifies the gateway against the system's roots, ``ca_file=`` against that CA. ``timeout_s``
-    bounds each logical call, retries included. Every call carries an idempotency key (``request_id``, generated
-    when not given), so a retry never runs or bills a call twice."""
-
-    def __init__(
-        self,
-        target: str | None = None,
-        api_key: str | None = None,
-        *,
-        tls: bool | None = None,
-        ca_file: str | Path | None = None,
-        timeout_s: float | None = 60.0,
-        retry: RetryPolicy | None = None,
-        auto_request_id: bool = True,
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.config = ClientConfig.resolve(
-            target, api_key, tls=tls, ca_file=ca_file, timeout_s=timeout_s, retry=retry, auto_request_id=auto_request_id
-        )
-        options = list(channel_options)
-        if self.config.credentials is None:
-            self._channel = grpc.aio.insecure_channel(self.config.target, options)
-        else:
-            self._channel = grpc.aio.secure_channel(self.config.target, self.config.credentials, options)
-        self._inference = inference_pb2_grpc.InferenceServiceStub(self._channel)
-        self._models = models_pb2_grpc.ModelServiceStub(self._channel)
-        self._usage = usage_pb2_grpc.UsageServiceStub(self._channel)
+    def _open_channel(self, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+        credentials = self.config.credentials
+        if credentials is None:
+            return grpc.aio.insecure_channel(self.config.target, options)
+        return grpc.aio.secure_channel(self.config.target, credentials, options)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -77,8 +53,7 @@ class AsyncClient:
         self, texts: Sequence[str], *, model: str = _base.DEFAULT_EMBED_MODEL, request_id: str = ""
     ) -> EmbedResult:
         """One unit vector per text, in order."""
-        call = Call(self.config, request_id)
-        msg = _base.embed_request(texts, model, call.request_id)
+        call, msg = self._embed(texts, model, request_id)
         return await self._unary(call, self._inference.Embed, msg, _base.embed_result)
 
     async def classify(
@@ -90,8 +65,7 @@ class AsyncClient:
         request_id: str = "",
     ) -> ClassifyResult:
         """Each text scored against the candidate labels (zero-shot), or the model's own labels when empty."""
-        call = Call(self.config, request_id)
-        msg = _base.classify_request(texts, labels, model, call.request_id)
+        call, msg = self._classify(texts, labels, model, request_id)
         return await self._unary(call, self._inference.Classify, msg, _base.classify_result)
 
     async def generate(
@@ -99,25 +73,11 @@ class AsyncClient:
         prompt: Prompt,
         *,
         model: str = _base.DEFAULT_GENERATE_MODEL,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
         request_id: str = "",
+        **sampling: Unpack[Sampling],
     ) -> GenerateResult:
         """The whole completion. ``prompt``: a user message, or a list of ChatMessage (system, history, user)."""
-        call = Call(self.config, request_id)
-        msg = _base.generate_request(
-            prompt,
-            model,
-            call.request_id,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=stop,
-            seed=seed,
-        )
+        call, msg = self._generate(prompt, model, request_id, sampling)
         return await self._unary(call, self._inference.Generate, msg, _base.generate_result)
 
     async def generate_stream(
@@ -125,26 +85,12 @@ class AsyncClient:
         prompt: Prompt,
         *,
         model: str = _base.DEFAULT_GENERATE_MODEL,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        stop: Sequence[str] = (),
-        seed: int | None = None,
         request_id: str = "",
+        **sampling: Unpack[Sampling],
     ) -> AsyncIterator[StreamEvent]:
         """TextDelta pieces, then the final GenerateResult. Leaving the loop early cancels the call (billed for the
         tokens sent). A failure before the first piece is retried like a unary call; after it, it is raised."""
-        call = Call(self.config, request_id)
-        msg = _base.generate_request(
-            prompt,
-            model,
-            call.request_id,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            stop=stop,
-            seed=seed,
-        )
+        call, msg = self._generate(prompt, model, request_id, sampling)
         attempt = 0
         while True:
             stream = self._inference.GenerateStream(msg, metadata=call.metadata, timeout=call.remaining_s())
@@ -166,11 +112,10 @@ class AsyncClient:
 
     async def get_usage(self, start_day: str = "", end_day: str = "") -> UsageReport:
         """This partner's usage per day, model and operation (UTC days, YYYY-MM-DD; defaults: month to date)."""
-        call = Call(self.config, "")
-        return await self._unary(
-            call, self._usage.GetUsage, _base.usage_request(start_day, end_day), _base.usage_result
-        )
+        request = _base.usage_request(start_day, end_day)
+        return await self._unary(self._call(), self._usage.GetUsage, request, _base.usage_result)
 
     async def list_models(self) -> list[ModelInfo]:
-        call = Call(self.config, "")
-        return await self._unary(call, self._models.ListModels, models_pb2.ListModelsRequest(), _base.models_result)
+        """The models this key's plan allows."""
+        request = models_pb2.ListModelsRequest()
+        return await self._unary(self._call(), self._models.ListModels, request, _base.models_result)

@@ -7,7 +7,7 @@ PROTOS := $(shell find protos -name '*.proto')
 SDK := sdk/python
 GEN_STAMP := $(SDK)/src/serving_sdk/v1/.generated
 
-.PHONY: setup proto run test lint bench loadtest clean
+.PHONY: setup proto run test lint bench loadtest image image-test clean
 
 setup: $(STAMP) $(GEN_STAMP)
 
@@ -45,9 +45,17 @@ test: setup $(NODE_EXAMPLE)
 	scripts/test-services.sh
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
+# The platform's OCI image (podman; no registry needed): serving:<git revision> and serving:latest. See image/.
+image: setup
+	image/build.sh
+
+# Runs the image as the embedded platform on 127.0.0.1 ports, a real embed and a streamed generation through it.
+image-test: image
+	$(PY) image/smoke.py
+
 lint: setup
-	$(VENV)/bin/ruff check src tests loadtests services/billing $(SDK) examples
-	$(VENV)/bin/ruff format --check src tests loadtests services/billing $(SDK) examples
+	$(VENV)/bin/ruff check src tests loadtests services/billing $(SDK) examples image
+	$(VENV)/bin/ruff format --check src tests loadtests services/billing $(SDK) examples image
 	$(VENV)/bin/mypy
 
 bench: setup
@@ -58,4 +66,4 @@ loadtest: setup
 	HF_HUB_OFFLINE=1 $(PY) loadtests/gate.py $(LOADTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(SDK)/src/serving_sdk/v1 $(SDK)/build examples/node/node_modules .pytest_cache
+	rm -rf build $(VENV) $(SDK)/src/serving_sdk/v1 $(SDK)/build examples/node/node_modules .pytest_cache

@@ -8,7 +8,6 @@ import json
 import shutil
 import subprocess
 from functools import cache
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +16,16 @@ import kubernetes_validate
 import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
-from referencing import Registry, Resource
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"
 KUBERNETES_VERSION = "1.33"
-_CRD_SCHEMAS = {
-    ("ray.io/v1", "RayService"): "rayservice-ray-v1.yaml",
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.yaml",
-    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring-v1.yaml",
-    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.yaml",
+# The CRDs themselves, vendored whole at pinned operator versions (k8s/schemas/README.md).
+_CRDS = {
+    ("ray.io/v1", "RayService"): "ray.io_rayservices.yaml",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "monitoring.coreos.com_prometheusrules.yaml",
 }
-_SCHEMA_BASE = "https://serving.invalid/k8s/schemas/"
 OVERLAYS = ["dev", "prod"]
 
 
@@ -41,28 +39,42 @@ def render(overlay: str) -> tuple[dict[str, Any], ...]:
     return tuple(doc for doc in yaml.safe_load_all(out) if doc)
 
 
+def strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """A CRD's structural OpenAPI v3 schema as JSON Schema, checked the way ``kubectl apply --validate=strict`` does:
+    a field the CRD does not declare is an error (the API server would drop it silently), except under
+    ``x-kubernetes-preserve-unknown-fields``. ``nullable`` admits null. CEL rules (``x-kubernetes-validations``) run
+    only in an API server and are not checked here."""
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ("properties", "patternProperties"):
+            out[key] = {name: strict(sub) for name, sub in value.items()}
+        elif key in ("items", "not") or (key == "additionalProperties" and isinstance(value, dict)):
+            out[key] = strict(value)
+        elif key in ("allOf", "anyOf", "oneOf"):
+            out[key] = [strict(sub) for sub in value]
+        elif not key.startswith("x-kubernetes-") and key not in ("description", "nullable"):
+            out[key] = value
+    if schema.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    preserves = schema.get("x-kubernetes-preserve-unknown-fields", False)
+    if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out and not preserves:
+        out["additionalProperties"] = False
+    return out
+
+
 @cache
-def _crd_registry() -> Registry[Any]:
-    version = f"v{KUBERNETES_VERSION}.0-local-strict"
-    definitions = json.loads(
-        files("kubernetes_validate").joinpath(f"kubernetes-json-schema/{version}/_definitions.json").read_text()
-    )
-    registry: Registry[Any] = Registry().with_resource(definitions["$id"], Resource.from_contents(definitions))
-    for name in _CRD_SCHEMAS.values():
-        schema = yaml.safe_load((K8S / "schemas" / name).read_text())
-        schema["$id"] = _SCHEMA_BASE + name
-        registry = registry.with_resource(schema["$id"], Resource.from_contents(schema))
-    return registry
+def crd_schema(name: str, version: str) -> dict[str, Any]:
+    crd = yaml.safe_load((K8S / "schemas" / name).read_text())
+    [served] = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return strict(served["schema"]["openAPIV3Schema"])
 
 
 def validate(obj: dict[str, Any]) -> None:
-    crd = _CRD_SCHEMAS.get((obj["apiVersion"], obj["kind"]))
+    crd = _CRDS.get((obj["apiVersion"], obj["kind"]))
     if crd is None:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
         return
-    registry = _crd_registry()
-    schema = registry.contents(_SCHEMA_BASE + crd)
-    jsonschema.Draft202012Validator(schema, registry=registry).validate(obj)
+    jsonschema.Draft202012Validator(crd_schema(crd, obj["apiVersion"].rsplit("/", 1)[1])).validate(obj)
 
 
 def by_kind(objs: tuple[dict[str, Any], ...], kind: str) -> list[dict[str, Any]]:
@@ -88,7 +100,7 @@ def test_every_rendered_object_validates(overlay: str) -> None:
 def test_a_misspelt_field_fails_validation() -> None:
     """The validator is strict for built-in kinds and for the CRDs (a typo is not silently dropped)."""
     objs = render("dev")
-    deployment = json.loads(json.dumps(one(objs, "Deployment", "gateway")))
+    deployment = json.loads(json.dumps(one(objs, "StatefulSet", "gateway")))
     deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {}
     with pytest.raises(jsonschema.ValidationError):
         validate(deployment)
@@ -140,7 +152,7 @@ def test_workloads_have_probes_and_resources(overlay: str) -> None:
             where = f"{overlay}: {workload['metadata']['name']}/{container['name']}"
             assert "readinessProbe" in container and "livenessProbe" in container, where
             assert container["resources"]["requests"] and container["resources"]["limits"], where
-    gateway = one(objs, "Deployment", "gateway")["spec"]["template"]["spec"]["containers"][0]
+    gateway = one(objs, "StatefulSet", "gateway")["spec"]["template"]["spec"]["containers"][0]
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ops"}
     assert gateway["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
     assert gateway["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "ops"}
@@ -156,8 +168,8 @@ def test_dev_runs_redis_and_postgres_and_prod_uses_external_secrets() -> None:
     dev_secrets = {o["metadata"]["name"] for o in by_kind(dev, "Secret")}
     assert not by_kind(prod, "Secret")  # created outside the repo
     for objs in (dev, prod):
-        for name in ("gateway", "billing"):  # billing's /v1 API takes the gateway's admin token
-            container = one(objs, "Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        for kind, name in (("StatefulSet", "gateway"), ("Deployment", "billing")):  # billing's API: the admin token
+            container = one(objs, kind, name)["spec"]["template"]["spec"]["containers"][0]
             env = container["env"]
             refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in env if "secretKeyRef" in e.get("valueFrom", {})}
             if objs is prod:
@@ -206,7 +218,7 @@ def test_ops_port_is_private_and_scraped(overlay: str) -> None:
     is what the gateway ServiceMonitor scrapes (job "gateway", billing's Prometheus job), and only Prometheus and
     billing may reach it."""
     objs = render(overlay)
-    deployment = one(objs, "Deployment", "gateway")
+    deployment = one(objs, "StatefulSet", "gateway")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -270,10 +282,80 @@ def test_graceful_stop_fits_the_termination_grace_period(overlay: str) -> None:
     """SIGKILL must not cut a graceful stop short: preStop, the drain (SERVING_SHUTDOWN_GRACE_S) and the wait for
     Prometheus' final scrape (SERVING_FINAL_SCRAPE_WAIT_S, at least one scrape interval) fit, with margin."""
     objs = render(overlay)
-    pod = one(objs, "Deployment", "gateway")["spec"]["template"]["spec"]
+    pod = one(objs, "StatefulSet", "gateway")["spec"]["template"]["spec"]
     config = gateway_config(objs)
     grace, final_wait = float(config["SERVING_SHUTDOWN_GRACE_S"]), float(config["SERVING_FINAL_SCRAPE_WAIT_S"])
     [endpoint] = one(objs, "ServiceMonitor", "gateway")["spec"]["endpoints"]
     assert final_wait >= _seconds(endpoint["interval"]) + _seconds(endpoint["scrapeTimeout"])
     pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + grace + final_wait + 5
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_journals_survive_a_reschedule(overlay: str) -> None:
+    """Each gateway replica has a stable name (its SERVING_GATEWAY_ID) and its own persistent journal volume, kept
+    when the StatefulSet scales down, so records not yet in PostgreSQL are replayed when the pod comes back."""
+    gateway = one(render(overlay), "StatefulSet", "gateway")
+    spec = gateway["spec"]
+    [claim] = spec["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["resources"]["requests"]["storage"]
+    pod = spec["template"]["spec"]
+    container = pod["containers"][0]
+    data_dir = gateway_config(render(overlay))["SERVING_DATA_DIR"]
+    assert {"name": claim["metadata"]["name"], "mountPath": data_dir} in container["volumeMounts"]
+    assert claim["metadata"]["name"] not in {v["name"] for v in pod["volumes"]}  # not an emptyDir any more
+    [gateway_id] = [e for e in container["env"] if e["name"] == "SERVING_GATEWAY_ID"]
+    assert gateway_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"  # gateway-0, gateway-1, ...
+    assert (
+        spec["serviceName"] == "gateway-ops" and spec["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    )
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_billing_is_probed_over_http_and_closes_each_month(overlay: str) -> None:
+    objs = render(overlay)
+    billing = one(objs, "Deployment", "billing")["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert billing[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    cron = one(objs, "CronJob", "billing-close-month")
+    assert cron["spec"]["schedule"] == "30 1 1 * *" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]["template"]
+    [close] = job["spec"]["containers"]
+    assert close["command"] == ["billing", "close", "previous-month"] and close["image"] == billing["image"]
+    assert {e["name"] for e in close["env"]} >= {e["name"] for e in billing["env"]} - {
+        "BILLING_ADMIN_TOKEN",
+        "BILLING_HOST",
+        "BILLING_PORT",
+    }
+    # The billing Service must not send API traffic to the CronJob's pods.
+    selector = one(objs, "Service", "billing")["spec"]["selector"]
+    assert not selector.items() <= job["metadata"]["labels"].items()
+
+
+def _image_name_make_builds() -> str:
+    """The repository name image/build.sh tags (``serving:<git revision>`` and ``serving:latest``)."""
+    [line] = [line for line in (K8S.parent / "image" / "build.sh").read_text().splitlines() if "IMAGE_NAME:-" in line]
+    return line.split("IMAGE_NAME:-", 1)[1].split("}", 1)[0]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_platform_container_runs_the_image_make_builds(overlay: str) -> None:
+    objs = render(overlay)
+    pods = [o["spec"]["template"]["spec"] for o in objs if o["kind"] in ("Deployment", "StatefulSet")]
+    pods += [o["spec"]["jobTemplate"]["spec"]["template"]["spec"] for o in by_kind(objs, "CronJob")]
+    ray = one(objs, "RayService", "serving-models")["spec"]["rayClusterConfig"]
+    pods += [ray["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in ray["workerGroupSpecs"]]
+    ours = {c["image"] for pod in pods for c in pod["containers"] if not c["image"].startswith(("redis:", "postgres:"))}
+    [image] = ours  # one image for every role
+    repository = image.rsplit(":", 1)[0]
+    assert repository.rsplit("/", 1)[1] == _image_name_make_builds(), image
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ray_head_state_survives_a_restart_and_upgrades_start_a_new_cluster(overlay: str) -> None:
+    spec = one(render(overlay), "RayService", "serving-models")["spec"]
+    assert spec["upgradeStrategy"] == {"type": "NewCluster"} and spec["rayClusterDeletionDelaySeconds"] >= 60
+    fault_tolerance = spec["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    assert fault_tolerance["redisAddress"] and fault_tolerance["externalStorageNamespace"] == "serving-models"
+    if overlay == "prod":
+        assert fault_tolerance["redisPassword"]["valueFrom"]["secretKeyRef"]["name"] == "serving-dsn"

@@ -9,7 +9,7 @@ import pytest
 
 from billing.counters import UsageKey
 from billing.invoices import build_invoices
-from billing.periods import Period, PeriodError
+from billing.periods import Period, PeriodError, previous_month
 from billing.pricing import PriceBook, PricingError
 
 BOOK = """
@@ -158,3 +158,9 @@ def test_periods() -> None:
     for bad in ("2026-13", "yesterday", "2026-11-25T13:00:00Z..2026-11-25T12:00:00Z"):
         with pytest.raises(PeriodError):
             Period.parse(bad)
+
+
+def test_previous_month_crosses_the_year() -> None:
+    assert previous_month(datetime(2026, 12, 1, 0, 5, tzinfo=UTC)) == "2026-11"
+    assert previous_month(datetime(2027, 1, 1, 0, 0, tzinfo=UTC)) == "2026-12"
+    assert Period.parse(previous_month(datetime(2027, 1, 15, tzinfo=UTC))).monthly

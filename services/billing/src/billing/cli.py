@@ -2,7 +2,7 @@
 
     billing serve [--host H] [--port P]           # prints ``READY {"url": ...}`` once it accepts connections
     billing scrape                                # scrape every target once (embedded mode)
-    billing close PERIOD                          # PERIOD: 2026-11 or START..END (ISO-8601 UTC)
+    billing close PERIOD                          # PERIOD: 2026-11, START..END (ISO-8601 UTC) or previous-month
     billing invoices [--period P] [--partner ID] [--format json|csv]
     billing reconcile PERIOD
 
@@ -21,10 +21,12 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from billing.errors import BILLING_ERRORS, kind_of
 from billing.invoices import CSV_HEADER
+from billing.periods import previous_month
 from billing.service import BillingService
 from billing.settings import BillingSettings, SettingsError, load_settings
 
@@ -37,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     commands.add_parser("scrape", help="scrape every target once")
     close = commands.add_parser("close", help="close a billing period (idempotent)")
-    close.add_argument("period")
+    close.add_argument("period", help="YYYY-MM, START..END, or previous-month (the monthly CronJob)")
     invoices = commands.add_parser("invoices", help="print invoices")
     invoices.add_argument("--period")
     invoices.add_argument("--partner")
@@ -105,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             _print(service.scraper.scrape_once())
         elif args.command == "close":
-            stored = service.close_period(args.period)
-            _print({"period": stored[0].period if stored else args.period, "invoices": [i.partner for i in stored]})
+            period = previous_month(datetime.now(UTC)) if args.period == "previous-month" else args.period
+            stored = service.close_period(period)
+            _print({"period": stored[0].period if stored else period, "invoices": [i.partner for i in stored]})
         elif args.command == "invoices":
             found = service.invoices(args.period, args.partner)
             if args.format == "csv":

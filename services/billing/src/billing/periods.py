@@ -22,6 +22,12 @@ def iso(ts: float) -> str:
     return text.replace("+00:00", "Z")
 
 
+def previous_month(now: datetime) -> str:
+    """The calendar month before ``now`` (UTC), as ``YYYY-MM``: what the monthly close CronJob closes."""
+    year, month = (now.year, now.month - 1) if now.month > 1 else (now.year - 1, 12)
+    return f"{year:04d}-{month:02d}"
+
+
 def _micros(ts: float) -> int:
     return round(ts * 1_000_000)
 

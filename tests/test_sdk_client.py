@@ -4,6 +4,7 @@ fails on cue (the SDK is what is under test; the real stack is exercised in test
 from __future__ import annotations
 
 import asyncio
+import pickle
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+import serving_sdk.aio
 from serving_sdk import ApiError, AsyncClient, Client, ConfigurationError, RetryPolicy, TextDelta
 from serving_sdk.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -110,16 +112,47 @@ FAST = RetryPolicy(attempts=4, initial_backoff_s=0.01, max_backoff_s=0.05)
 UNAVAILABLE = code_pb2.UNAVAILABLE
 
 
-async def test_unavailable_is_retried_with_one_idempotency_key_honouring_retry_info(fake: tuple[str, Script]) -> None:
+async def test_unavailable_is_retried_with_one_idempotency_key_honouring_retry_info(
+    fake: tuple[str, Script], monkeypatch: pytest.MonkeyPatch
+) -> None:
     target, script = fake
-    script.failures = [Failure(UNAVAILABLE, retry_after_s=0.2), Failure(UNAVAILABLE, retry_after_s=0.2)]
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:  # records the SDK's waits instead of sleeping them
+        waits.append(seconds)
+
+    monkeypatch.setattr(serving_sdk.aio.asyncio, "sleep", no_wait)
+    script.failures = [Failure(UNAVAILABLE, retry_after_s=0.2), Failure(UNAVAILABLE, retry_after_s=0.3)]
     async with AsyncClient(target, "sk-test", retry=FAST) as client:
         result = await client.embed(["hello"])
     assert len(script.request_ids) == 3 and len(set(script.request_ids)) == 1
     assert result.request_id == script.request_ids[0] and len(result.request_id) == 32
-    # RetryInfo asked for 0.2 s: the SDK's own backoff (<= 0.05 s) never cuts that short.
-    gaps = [b - a for a, b in zip(script.arrivals, script.arrivals[1:], strict=False)]
-    assert all(gap >= 0.2 for gap in gaps), gaps
+    assert waits == [0.2, 0.3]  # RetryInfo's delays; the SDK's own backoff (<= 0.05 s) is shorter
+
+
+async def test_without_a_key_only_the_gateways_own_refusals_are_retried(fake: tuple[str, Script]) -> None:
+    """A failure without ErrorInfo may come from a connection lost after the call ran: no retry without a key."""
+    target, script = fake
+    script.failures = [Failure(UNAVAILABLE, reason="unavailable", retry_after_s=0.01), Failure(UNAVAILABLE)]
+    async with AsyncClient(target, "sk-test", retry=FAST, auto_request_id=False) as client:
+        with pytest.raises(ApiError) as raised:
+            await client.embed(["hello"])
+    assert raised.value.code == "UNAVAILABLE" and script.request_ids == ["", ""]
+
+
+def test_errors_pickle_and_configs_hide_the_key() -> None:
+    error = ApiError("UNAVAILABLE", "down", reason="unavailable", retry_after_s=1.0, request_id="r-1")
+    again = pickle.loads(pickle.dumps(error))
+    assert (again.code, again.message, again.reason, again.retry_after_s, again.request_id) == (
+        "UNAVAILABLE",
+        "down",
+        "unavailable",
+        1.0,
+        "r-1",
+    )
+    client = Client("127.0.0.1:1", "sk-very-secret")
+    assert "sk-very-secret" not in repr(client.config)
+    client.close()
 
 
 async def test_each_logical_call_gets_its_own_key_and_a_given_key_is_kept(fake: tuple[str, Script]) -> None:

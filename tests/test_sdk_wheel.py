@@ -9,13 +9,16 @@ import ipaddress
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import zipfile
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import pytest_asyncio
 from conftest import ROOT, running_gateway
@@ -27,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from serving.gateway.app import Gateway
 from serving.models.registry import ModelSpec
 from serving.partners.store import PartnerStore
-from serving.settings import Settings
+from serving.settings import Settings, SettingsError
 
 CALLS = Path(__file__).parent / "sdk" / "fresh_venv_calls.py"
 SERVER_ONLY = ("torch", "ray", "transformers", "serving", "fastapi")
@@ -171,6 +174,16 @@ async def test_the_installed_sdk_calls_the_stack_over_tls(
 ) -> None:
     gw, cert_file = tls_gateway
     _check(*await _partner_calls(fresh_python, store, gw, "sdk-tls", cert_file))
+    # The HTTP front door serves TLS with the same certificate (the OpenAI routes through https).
+    partner = store.create_partner("https-client", plan="unlimited")
+    headers = {"authorization": f"Bearer {store.issue_key(partner.id)}"}
+    context = ssl.create_default_context(cafile=str(cert_file))
+    async with httpx.AsyncClient(base_url=f"https://127.0.0.1:{gw.http_port}", verify=context) as https:
+        embedded = await https.post("/v1/embeddings", headers=headers, json={"model": "minilm-l6", "input": "hi"})
+    assert embedded.status_code == 200 and len(embedded.json()["data"][0]["embedding"]) == 384
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gw.http_port}") as plain:
+        with pytest.raises(httpx.TransportError):  # no plaintext on a TLS port
+            await plain.get("/healthz")
     # Without the CA the handshake fails: the channel really is TLS and really verifies.
     env = {**os.environ, "SERVING_API_KEY": "not-used"}
     refused = await asyncio.to_thread(
@@ -182,3 +195,13 @@ async def test_the_installed_sdk_calls_the_stack_over_tls(
         env=env,
     )
     assert refused.returncode != 0 and "UNAVAILABLE" in refused.stderr
+
+
+def test_a_certificate_and_key_that_do_not_match_fail_at_startup(settings: Settings, tmp_path: Path) -> None:
+    cert_file, _ = _self_signed(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other_key = _self_signed(tmp_path / "other")
+    with pytest.raises(SettingsError, match="not a usable PEM certificate chain and its private key"):
+        replace(settings, tls_cert_file=cert_file, tls_key_file=other_key).validate()
+    with pytest.raises(SettingsError, match="go together"):
+        replace(settings, tls_cert_file=cert_file).validate()

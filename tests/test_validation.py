@@ -37,7 +37,7 @@ LONG_TEXT = "word " * 400
         ("/v1/generate", {"model": GEN, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
         ("/v1/generate", {"model": GEN, "prompt": LONG_TEXT * 6}, 400, "prompt"),
         ("/v1/chat/completions", {"model": GEN, "messages": "hi"}, 400, "messages"),
-        ("/v1/embeddings", {"model": EMBED, "input": [[1, 2, 3]]}, 400, "input"),
+        ("/v1/embeddings", {"model": EMBED, "input": [[1, 2, 100277]]}, 400, "input[0][2]"),
     ],
 )
 async def test_http_invalid_inputs(

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import secrets
 import signal
@@ -66,7 +67,9 @@ def _admin_token(settings: Settings) -> Settings:
 
 
 def _banner(settings: Settings, grpc_port: int, http_port: int, ops_ports: list[int], key: str) -> str:
-    http = f"http://{settings.http_host}:{http_port}"
+    tls = settings.tls_cert_file is not None
+    http = f"{'https' if tls else 'http'}://{settings.http_host}:{http_port}"
+    sdk_tls = f" --ca-file {settings.tls_cert_file}" if tls else ""  # a self-signed certificate is its own CA
     ops = f"http://{settings.ops_host}:{ops_ports[0]}"
     grpc_addr = f"{settings.grpc_host}:{grpc_port}"
     workers = ""
@@ -91,7 +94,7 @@ Try it:
   curl -s {http}/v1/chat/completions -H "Authorization: Bearer $(cat {settings.demo_key_path})" \\
        -H 'content-type: application/json' \\
        -d '{chat}'
-  SERVING_API_KEY="$(cat {settings.demo_key_path})" .venv/bin/serving-sdk --target {grpc_addr} \\
+  SERVING_API_KEY="$(cat {settings.demo_key_path})" .venv/bin/serving-sdk --target {grpc_addr}{sdk_tls} \\
        generate "What is the capital of France?"
 Ctrl-C stops everything.
 """
@@ -300,7 +303,12 @@ def _convert_models(specs: list[ModelSpec], cache_dir: Path) -> None:
         if needs_conversion(spec, cache_dir):
             print(f"converting {spec.id} from GGUF into {cache_dir} (first start only)...", flush=True)
             started = time.monotonic()
-            resolve_model_dir(spec, cache_dir)
+            # In a child process: torch and transformers stay out of the process that then serves as the gateway.
+            child = multiprocessing.get_context("spawn").Process(target=resolve_model_dir, args=(spec, cache_dir))
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                raise SystemExit(f"serving: converting {spec.id} failed (exit code {child.exitcode}); see above")
             print(f"  converted in {time.monotonic() - started:.0f} s", flush=True)
 
 

@@ -6,6 +6,7 @@ Nothing else reads the environment; components get the values they need passed i
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -99,6 +100,9 @@ class Settings:
     # Idempotency keys: a retry with the same key and body replays the stored outcome for this long; an outcome
     # larger than the cap is not kept (its retry is refused, never run twice). Redis when redis_url is set.
     idempotency_ttl_s: float = 86_400.0
+    # A key sent with `Idempotency-Scope: retry` (the SDK's automatic keys) only covers that call's retries: its
+    # outcome is kept this long, and no ledger read checks it. Must outlast the slowest series of retries.
+    idempotency_retry_ttl_s: float = 600.0
     idempotency_max_bytes: int = 1_048_576
     admin_token: str | None = None
     gateway_id: str = "gateway-0"  # names this replica's usage journal; unique per replica sharing a data dir
@@ -157,9 +161,16 @@ class Settings:
                 raise SettingsError(f"{name} must be in 0..65535; got {port}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise SettingsError("tls_cert_file and tls_key_file go together: set both (TLS) or neither (plaintext)")
-        for tls_file in (self.tls_cert_file, self.tls_key_file):
-            if tls_file is not None and not tls_file.is_file():
-                raise SettingsError(f"TLS file {tls_file} does not exist")
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            try:  # a wrong pair must fail here, not as a bind error or a dead listener later
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                    self.tls_cert_file, self.tls_key_file
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise SettingsError(
+                    f"tls_cert_file {self.tls_cert_file} and tls_key_file {self.tls_key_file} are not a usable PEM"
+                    f" certificate chain and its private key: {exc}"
+                ) from exc
         if self.workers < 1:
             raise SettingsError(f"workers must be >= 1; got {self.workers}")
         if self.ops_port and self.ops_port + self.workers - 1 > 65535:
@@ -180,6 +191,11 @@ class Settings:
             raise SettingsError(f"tracing_exporter must be off, console or otlp; got {self.tracing_exporter!r}")
         if not 0.0 <= self.trace_sample_ratio <= 1.0:
             raise SettingsError("trace_sample_ratio must be in 0..1")
+        if self.idempotency_retry_ttl_s < 4 * self.http_timeout_s:
+            raise SettingsError(
+                "idempotency_retry_ttl_s must cover 4 attempts of the longest call: >= 4 x http_timeout_s"
+                f" ({4 * self.http_timeout_s:.0f} s); got {self.idempotency_retry_ttl_s:.0f} s"
+            )
         if not self.gateway_id or "/" in self.gateway_id:
             raise SettingsError("gateway_id must be a non-empty name without '/'")
         limits = self.limits

@@ -162,7 +162,7 @@ class Gateway:
         self.metrics.bind_ledger_backlog(lambda: self.ledger.backlog)
         self.authenticator = Authenticator(store, settings.auth_cache_ttl_s)
         self.idempotency = build_idempotency(settings, self.redis)
-        self.keys = IdempotencyKeys(self.idempotency, self.ledger.seen)
+        self.keys = IdempotencyKeys(self.idempotency, self.ledger.seen, settings.idempotency_retry_ttl_s)
         self.admission = Admission(self.quota, specs, settings.admission, on_shed=self._count_shed)
         self.core = Core(
             self.authenticator,

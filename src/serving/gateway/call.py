@@ -30,6 +30,7 @@ class Call:
     client_request_id: bool = False  # the id is the caller's idempotency key
     fingerprint: str = ""
     claimed: bool = False  # this call holds its idempotency key
+    retry_scoped: bool = False  # its key covers its own retries only: the outcome is kept briefly
     result: Outcome | None = None
     error: BaseException | None = None
     delivered: bool = False  # a stream handed text to the front door

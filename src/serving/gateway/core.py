@@ -85,6 +85,7 @@ class CallContext:
     peer: str | None = None
     meta: ResponseMeta = field(default_factory=ResponseMeta)
     correlation_id: str | None = None  # the caller's x-request-id: logged, never an idempotency key
+    retry_scoped_key: bool = False  # the key covers one call's retries only (``Idempotency-Scope: retry``)
     traceparent: str | None = None  # W3C trace context sent by the partner, continued by the request span
     tracestate: str | None = None
 
@@ -312,7 +313,8 @@ class Core:
             return None
         assert call.caller is not None
         call.fingerprint = fingerprint(call.operation, request)
-        outcome = await self._keys.claim(call.caller.partner_id, call.request_id, call.fingerprint)
+        call.retry_scoped = ctx.retry_scoped_key
+        outcome = await self._keys.claim(call.caller.partner_id, call.request_id, call.fingerprint, call.retry_scoped)
         if outcome is None:
             call.claimed = True
             return None
@@ -431,6 +433,7 @@ class Core:
                 call.result,
                 call.error,
                 call.usage.output_tokens,
+                call.retry_scoped,
             )
         )
         self._storing.add(task)

@@ -105,13 +105,14 @@ def _context(context: grpc.aio.ServicerContext, max_timeout_s: float) -> CallCon
         if key == "authorization" and isinstance(value, str):
             scheme, _, token = value.partition(" ")
             api_key = token.strip() if scheme.lower() == "bearer" else None
-        elif key in ("traceparent", "tracestate", "x-request-id") and isinstance(value, str):
-            trace[key] = value  # W3C trace context, and the caller's correlation id
+        elif key in ("traceparent", "tracestate", "x-request-id", "idempotency-scope") and isinstance(value, str):
+            trace[key] = value  # W3C trace context, the caller's correlation id, how long its key matters
     remaining = context.time_remaining()  # None: the client set no deadline; the server's cap applies
     return CallContext(
         api_key=api_key,
         timeout_s=max_timeout_s if remaining is None else min(remaining, max_timeout_s),
         correlation_id=trace.get("x-request-id"),
+        retry_scoped_key=trace.get("idempotency-scope") == "retry",
         peer=_peer_ip(context.peer()),
         traceparent=trace.get("traceparent"),
         tracestate=trace.get("tracestate"),

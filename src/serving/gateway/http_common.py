@@ -144,6 +144,7 @@ def call_context(request: Request, config: HttpConfig) -> CallContext:
         timeout_s=timeout,
         peer=request.client.host if request.client else None,
         correlation_id=request.headers.get("x-request-id"),
+        retry_scoped_key=request.headers.get("idempotency-scope") == "retry",
         traceparent=request.headers.get("traceparent"),  # W3C trace context
         tracestate=request.headers.get("tracestate"),
     )

@@ -39,6 +39,7 @@ from serving.gateway.http_common import (
     sse,
     validation_error,
 )
+from serving.gateway.openai_tokens import OpenAITokens
 from serving.gateway.stream import EventStream
 
 # OpenAI's set has no "cancelled" (a generation whose caller left; in practice no client receives it): "length"
@@ -46,8 +47,7 @@ from serving.gateway.stream import EventStream
 FINISH_REASONS = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.CANCELLED: "length"}
 
 TOKEN_IDS_UNSUPPORTED = (
-    "{field} as token ids is not supported: send text. OpenAI clients tokenize with tiktoken, whose ids mean other"
-    " words to this model's tokenizer (LangChain's OpenAIEmbeddings: set check_embedding_ctx_length=False)"
+    "{field} as token ids is not supported here: send text (token ids are accepted by /v1/embeddings only)"
 )
 
 
@@ -137,13 +137,17 @@ def check_completion(body: schemas.OpenAICompletionBody) -> str:
     return prompt
 
 
-def embedding_texts(body: schemas.OpenAIEmbeddingsBody) -> list[str]:
+def embedding_texts(body: schemas.OpenAIEmbeddingsBody, tokens: OpenAITokens) -> list[str]:
+    """The texts to embed: as sent, or decoded from OpenAI token ids (``openai_tokens``)."""
     if isinstance(body.input, str):
         return [body.input]
-    texts = [item for item in body.input if isinstance(item, str)]
-    if len(texts) != len(body.input):
-        raise UnsupportedValue(TOKEN_IDS_UNSUPPORTED.format(field="input"), param="input")
-    return texts
+    if body.input and all(isinstance(item, str) for item in body.input):
+        return [item for item in body.input if isinstance(item, str)]
+    if body.input and all(isinstance(item, int) for item in body.input):
+        return tokens.texts([[item for item in body.input if isinstance(item, int)]], nested=False)
+    if body.input and all(isinstance(item, list) for item in body.input):
+        return tokens.texts([item for item in body.input if isinstance(item, list)], nested=True)
+    raise InvalidInput("input must hold at least one text", param="input")
 
 
 # --- chat and legacy completions: one path, two shapes -----------------------------------------------------
@@ -247,11 +251,12 @@ def _generate_request(
 
 def openai_router(core: Core, config: HttpConfig) -> APIRouter:
     router = APIRouter(tags=["openai"], route_class=OpenAIRoute)
+    openai_tokens = OpenAITokens()
 
     @router.post("/v1/embeddings")
     async def embeddings(body: schemas.OpenAIEmbeddingsBody, request: Request) -> JSONResponse:
         ctx = call_context(request, config)
-        texts = embedding_texts(body)
+        texts = embedding_texts(body, openai_tokens)
         if body.dimensions is not None:
             native = next((m.dimensions for m in core.models() if m.id == body.model and m.task is Task.EMBED), None)
             if native is not None and body.dimensions != native:
@@ -268,13 +273,13 @@ def openai_router(core: Core, config: HttpConfig) -> APIRouter:
             if body.encoding_format == "base64":
                 encoded = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
             data.append({"object": "embedding", "index": i, "embedding": encoded})
-        tokens = result.usage.input_tokens
+        used = result.usage.input_tokens
         return JSONResponse(
             {
                 "object": "list",
                 "data": data,
                 "model": result.model,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                "usage": {"prompt_tokens": used, "total_tokens": used},
             },
         )
 

@@ -22,6 +22,7 @@ from serving.domain import ChatMessage, ModelInfo
 from serving.metering.usage import UsageRow
 
 NonNegInt = Annotated[StrictInt, Field(ge=0)]
+PositiveInt = Annotated[StrictInt, Field(ge=1)]  # OpenAI refuses max_tokens=0 rather than using a default
 
 
 class Strict(BaseModel):
@@ -197,7 +198,7 @@ class OpenAIGenerationBody(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: StrictStr
-    max_tokens: NonNegInt | None = None
+    max_tokens: PositiveInt | None = None
     temperature: Number | None = None
     top_p: Number | None = None
     stop: StrictStr | list[StrictStr] | None = None
@@ -214,7 +215,7 @@ class OpenAIGenerationBody(BaseModel):
 
 class OpenAIChatBody(OpenAIGenerationBody):
     messages: list[OpenAIMessage]
-    max_completion_tokens: NonNegInt | None = None
+    max_completion_tokens: PositiveInt | None = None
     # Features this API does not have: rejected unless absent or neutral (empty, "none", "text", false).
     tools: list[Any] | None = None
     tool_choice: Any = None

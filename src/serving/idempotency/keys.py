@@ -19,15 +19,20 @@ from serving.idempotency.store import IdempotencyStore
 
 
 class IdempotencyKeys:
-    def __init__(self, store: IdempotencyStore, seen: Callable[[str, str], bool]) -> None:
+    def __init__(self, store: IdempotencyStore, seen: Callable[[str, str], bool], retry_ttl_s: float = 600.0) -> None:
         self.store = store
+        self.retry_ttl_s = retry_ttl_s
         self._seen = seen  # whether the ledger already holds a record with this id (blocking: run in a thread)
         # Its own threads: admin and usage queries on the loop's default pool cannot hold keyed requests up.
         self._lookups = ThreadPoolExecutor(max_workers=2, thread_name_prefix="idempotency-ledger")
 
-    async def claim(self, partner_id: str, key: str, fingerprint: str) -> Outcome | None:
+    async def claim(self, partner_id: str, key: str, fingerprint: str, retry_scoped: bool = False) -> Outcome | None:
         """None: this request holds the key and runs. Otherwise the stored outcome to replay (an error outcome is
-        returned, not raised). Raises when the key cannot be used now or with this body."""
+        returned, not raised). Raises when the key cannot be used now or with this body.
+
+        ``retry_scoped``: a key that only covers one call's retries (the SDK's automatic keys). Its outcome is kept
+        for ``retry_ttl_s``, longer than any of those retries can come, so the ledger is not asked whether an
+        expired outcome ran (that read is for long-lived keys)."""
         claim = await self.store.begin(partner_id, key, fingerprint)
         if claim.state == "in_progress":
             raise RequestInProgress(
@@ -44,6 +49,8 @@ class IdempotencyKeys:
         if claim.state == "done":
             assert claim.outcome is not None
             return decode(claim.outcome, key)
+        if retry_scoped:
+            return None
         # A new claim, unless the ledger holds the id already (the stored outcome expired or the store was reset).
         try:
             seen = await asyncio.get_running_loop().run_in_executor(self._lookups, self._seen, partner_id, key)
@@ -71,6 +78,7 @@ class IdempotencyKeys:
         result: Outcome | None,
         error: BaseException | None,
         output_tokens: int,
+        retry_scoped: bool = False,
     ) -> None:
         """Releases the key of a request that was not admitted; stores the outcome of one that was."""
         if not admitted:
@@ -100,4 +108,5 @@ class IdempotencyKeys:
                 f"the request with idempotency key {key!r} failed after it was admitted; send a new key",
                 param="request_id",
             )
-        await self.store.finish(partner_id, key, fingerprint, encode(outcome))
+        ttl_s = self.retry_ttl_s if retry_scoped else None
+        await self.store.finish(partner_id, key, fingerprint, encode(outcome), ttl_s)

@@ -88,10 +88,13 @@ class RedisIdempotency:
             return Claim("done", bytes(result[1]))
         return Claim(state)  # type: ignore[arg-type]  # the script returns one of the ClaimState values
 
-    async def finish(self, partner_id: str, key: str, fingerprint: str, outcome: bytes) -> None:
+    async def finish(
+        self, partner_id: str, key: str, fingerprint: str, outcome: bytes, ttl_s: float | None = None
+    ) -> None:
         stored = outcome if len(outcome) <= self._max_bytes else TOO_LARGE
+        ttl_ms = self._ttl_ms if ttl_s is None else int(ttl_s * 1000)
         try:
-            await self._call("idem_finish", _key(partner_id, key), [fingerprint, stored, self._ttl_ms])
+            await self._call("idem_finish", _key(partner_id, key), [fingerprint, stored, ttl_ms])
         except _UNREACHABLE as exc:  # the claim expires; the ledger still refuses to bill the id twice
             log.warning("could not store the outcome of idempotency key %s: %s", key, exc)
 

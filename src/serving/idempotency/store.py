@@ -36,8 +36,11 @@ class IdempotencyStore(Protocol):
         """Claims the key for this request (``new``), or says why it cannot run."""
         ...
 
-    async def finish(self, partner_id: str, key: str, fingerprint: str, outcome: bytes) -> None:
-        """Stores the outcome of the request that claimed the key (admitted: it ran and was metered)."""
+    async def finish(
+        self, partner_id: str, key: str, fingerprint: str, outcome: bytes, ttl_s: float | None = None
+    ) -> None:
+        """Stores the outcome of the request that claimed the key (admitted: it ran and was metered), for ``ttl_s``
+        (None: the store's own, 24 h by default)."""
         ...
 
     async def release(self, partner_id: str, key: str, fingerprint: str) -> None:
@@ -92,7 +95,9 @@ class MemoryIdempotency:
             return Claim("in_progress")
         return Claim("done", entry.outcome)
 
-    async def finish(self, partner_id: str, key: str, fingerprint: str, outcome: bytes) -> None:
+    async def finish(
+        self, partner_id: str, key: str, fingerprint: str, outcome: bytes, ttl_s: float | None = None
+    ) -> None:
         entry = self._entries.get((partner_id, key))
         if entry is None or entry.fingerprint != fingerprint:
             entry = _Entry(fingerprint, 0.0)  # evicted or expired while it ran: keep the outcome all the same
@@ -100,7 +105,7 @@ class MemoryIdempotency:
         stored = outcome if len(outcome) <= self._max_bytes else TOO_LARGE
         self._bytes += len(stored) - len(entry.outcome or b"")
         entry.outcome = stored
-        entry.expires_at = self._clock() + self._ttl_s
+        entry.expires_at = self._clock() + (self._ttl_s if ttl_s is None else ttl_s)
         self._entries.move_to_end((partner_id, key))
         self._evict()
 

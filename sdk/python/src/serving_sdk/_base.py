@@ -4,10 +4,11 @@ per-call bookkeeping (idempotency key, deadline). The clients add only the trans
 from __future__ import annotations
 
 import os
+import ssl
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -64,7 +65,7 @@ _TASK = {
 @dataclass(frozen=True)
 class ClientConfig:
     target: str
-    api_key: str
+    api_key: str = field(repr=False)  # never in a log line or a traceback
     credentials: grpc.ChannelCredentials | None  # None: plaintext
     timeout_s: float | None  # the whole logical call, retries included
     retry: RetryPolicy
@@ -96,10 +97,16 @@ class ClientConfig:
         )
 
 
+def _system_roots() -> bytes | None:
+    """The operating system's CA bundle (what OpenSSL trusts, corporate CAs included); None: grpc's bundled roots."""
+    bundle = ssl.get_default_verify_paths().cafile
+    return Path(bundle).read_bytes() if bundle and Path(bundle).is_file() else None
+
+
 def _credentials(tls: bool | None, ca_file: str | Path | None) -> grpc.ChannelCredentials | None:
-    """TLS when asked for or when a CA file is given: that CA, else the system's roots (grpc's bundled set)."""
+    """TLS when asked for or when a CA file is given: verified against that CA, else the system's roots."""
     if ca_file is None:
-        return grpc.ssl_channel_credentials() if tls else None
+        return grpc.ssl_channel_credentials(root_certificates=_system_roots()) if tls else None
     if tls is False:
         raise ConfigurationError("ca_file is only used with TLS; drop tls=False or ca_file")
     try:
@@ -112,9 +119,12 @@ def _credentials(tls: bool | None, ca_file: str | Path | None) -> grpc.ChannelCr
 class Call:
     """One logical call: its idempotency key (the same on every attempt) and its deadline."""
 
-    def __init__(self, config: ClientConfig, request_id: str) -> None:
+    def __init__(self, config: ClientConfig, request_id: str, idempotent: bool = False) -> None:
         self.request_id = request_id or (uuid.uuid4().hex if config.auto_request_id else "")
-        self.metadata = (("authorization", f"Bearer {config.api_key}"),)
+        self.idempotent = idempotent  # a read: running it twice changes nothing
+        auth = ("authorization", f"Bearer {config.api_key}")
+        # A key the SDK made only covers this call's retries: the gateway keeps its outcome minutes, not a day.
+        self.metadata = (auth, ("idempotency-scope", "retry")) if request_id == "" and self.request_id else (auth,)
         self._deadline = None if config.timeout_s is None else time.monotonic() + config.timeout_s
         self._config = config
 
@@ -122,6 +132,10 @@ class Call:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def retry_delay(self, attempt: int, error: ApiError) -> float | None:
+        # Without an idempotency key only the gateway's own refusals (they carry ErrorInfo) are known not to have
+        # run: a connection lost mid-call may have, and a retry could run and bill it twice.
+        if not self.request_id and not self.idempotent and not error.reason:
+            return None
         return self._config.retry.delay_before_retry(attempt, error, self.remaining_s())
 
 
@@ -186,8 +200,8 @@ class ClientBase:
         return call, generate_request(prompt, model, call.request_id, sampling)
 
     def _call(self) -> Call:
-        """A call that needs no idempotency key (reads)."""
-        return Call(self.config, "")
+        """A read: it needs no idempotency key and is always safe to retry."""
+        return Call(self.config, "", idempotent=True)
 
 
 # --- request messages ----------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
@@ -42,6 +44,15 @@ class ApiError(Exception):
         self.subject = subject
         self.retry_after_s = retry_after_s
         self.request_id = request_id
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable (multiprocessing, process pools) with every field
+        fields = {"reason": self.reason, "field": self.field, "subject": self.subject}
+        more = {"retry_after_s": self.retry_after_s, "request_id": self.request_id}
+        return (_rebuild, (self.code, self.message, fields | more))
+
+
+def _rebuild(code: str, message: str, fields: dict[str, Any]) -> ApiError:
+    return ApiError(code, message, **fields)
 
 
 def _status(error: grpc.RpcError) -> status_pb2.Status | None:

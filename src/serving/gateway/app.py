@@ -35,7 +35,7 @@ from serving.idempotency.store import IdempotencyStore, MemoryIdempotency
 from serving.metering.ledger import Ledger
 from serving.metering.usage import usage_by_day
 from serving.models.codec import TextCodec
-from serving.models.deployment import models_ready
+from serving.models.deployment import models_state
 from serving.models.registry import ModelSpec
 from serving.models.sources import resolve_model_dir
 from serving.observability.metrics import Metrics
@@ -72,6 +72,7 @@ class _Readiness:
     app_names: list[str]
     checked_at: float = -1e9
     ready: bool = False
+    serving: frozenset[str] | None = None  # applications with a running replica; None: not known yet
     stopping: bool = False
     drained: bool = False
 
@@ -83,7 +84,7 @@ class _Readiness:
         now = time.monotonic()
         if now - self.checked_at > _READY_CACHE_S:
             try:
-                self.ready = models_ready(self.app_names)
+                self.ready, self.serving = models_state(self.app_names)
             except Exception:  # the controller is unreachable: not ready
                 log.warning("readiness check failed", exc_info=True)
                 self.ready = False
@@ -219,6 +220,9 @@ class Gateway:
         assert self._health is not None
         while not self.readiness.stopping:
             state = await asyncio.to_thread(self.readiness)
+            if self.readiness.serving is not None:  # calls to a model without replicas fail fast, not wait
+                for model, app in self.app_names.items():
+                    self.router.set_serving(model, app in self.readiness.serving)
             if state not in ("draining", "drained"):
                 await self._health.models_ready(state == "ready")
             await asyncio.sleep(_READY_CACHE_S / 2)

@@ -52,12 +52,45 @@ class ModelRoute:
     metrics: Metrics | None = None
     max_batch_size: int = 1
     tracing: Tracing = field(default_factory=Tracing.disabled)
+    # Set while the model has no running replica (the gateway polls the Serve controller): a call then fails at
+    # once with UNAVAILABLE instead of waiting in Serve's queue for a replica that may be minutes away.
+    no_replicas: asyncio.Event = field(default_factory=asyncio.Event)
+    _in_flight: set[Any] = field(default_factory=set)  # handle calls awaiting a replica or its answer
+
+    def _refuse_without_replicas(self) -> None:
+        if self.no_replicas.is_set():
+            raise Unavailable(
+                f"model {self.spec.id} has no running replica right now (it is being restarted); retry shortly",
+                retry_after_s=1.0,
+            )
+
+    async def _while_serving(self, response: Any) -> Any:
+        """Awaits a handle call (a DeploymentResponse) that ``lose_replicas`` cancels if the model loses its last
+        replica first: it then leaves Serve's queue and this raises UNAVAILABLE. No task per call: the hot path
+        pays one set insert and removal."""
+        self._in_flight.add(response)
+        try:
+            return await response
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if response.cancelled() and task is not None and not task.cancelling():  # ours, not the caller's
+                self._refuse_without_replicas()
+            raise
+        finally:
+            self._in_flight.discard(response)
+
+    def lose_replicas(self) -> None:
+        """The model has no running replica: calls fail fast from now on, and those waiting are cancelled."""
+        self.no_replicas.set()
+        for response in list(self._in_flight):
+            response.cancel()
 
     async def _call_batch(self, items: list[Any], links: Sequence[SpanContext] = ()) -> list[Any]:
         started = time.perf_counter()
         span = self.tracing.start_batch(self.spec.id, len(items), links)
         try:
-            return await self.handle.infer.remote(items)  # type: ignore[no-any-return]
+            self._refuse_without_replicas()
+            return await self._while_serving(self.handle.infer.remote(items))  # type: ignore[no-any-return]
         except Exception as exc:
             span.record_exception(exc)
             raise translate_ray_error(exc) from exc
@@ -80,6 +113,7 @@ class ModelRoute:
         return rows
 
     async def generate(self, item: GenerateItem) -> AsyncIterator[TextChunk | GenerateOutput]:
+        self._refuse_without_replicas()
         stream: Any = self.handle.options(stream=True).generate.remote(item)
         finished = False
         try:
@@ -147,6 +181,15 @@ class Router:
         for handle in self._own:
             await handle.shutdown_async()  # type: ignore[no-untyped-call]
         self._own.clear()
+
+    def set_serving(self, model: str, serving: bool) -> None:
+        """Whether ``model`` has a running replica (from the gateway's poll of the Serve controller)."""
+        route = self.routes.get(model)
+        if route is not None:
+            if serving:
+                route.no_replicas.clear()
+            elif not route.no_replicas.is_set():
+                route.lose_replicas()
 
     def route(self, model: str, task: Task) -> ModelRoute:
         if not model:

@@ -7,7 +7,7 @@ gateway micro-batch); generation replicas run the streaming engine.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,21 @@ def attach_models(specs: list[ModelSpec], app_prefix: str) -> dict[str, Deployme
     return {spec.id: serve.get_app_handle(f"{app_prefix}-{spec.id}") for spec in specs}
 
 
-def models_ready(app_names: list[str]) -> bool:
-    """Whether every model application is RUNNING (asks the Serve controller)."""
+def _running(replica_states: Mapping[Any, int]) -> bool:
+    return any(
+        str(getattr(state, "value", state)) == "RUNNING" and count > 0 for state, count in replica_states.items()
+    )
+
+
+def models_state(app_names: list[str]) -> tuple[bool, frozenset[str]]:
+    """Whether every model application is RUNNING, and which applications have a running replica (one question to
+    the Serve controller). An application can serve while it is not RUNNING (an update rolls its replicas), and
+    cannot while RUNNING is stale (its node just died): the gateway reads both."""
     applications = serve.status().applications
-    return all(name in applications and applications[name].status == "RUNNING" for name in app_names)
+    ready = all(name in applications and applications[name].status == "RUNNING" for name in app_names)
+    serving = frozenset(
+        name
+        for name in app_names
+        if name in applications and any(_running(d.replica_states) for d in applications[name].deployments.values())
+    )
+    return ready, serving

@@ -1,0 +1,298 @@
+"""The stack across two Ray nodes: a head (no CPUs: it schedules no replica, as in the RayService) and a worker
+node (`ray start` twice, on loopback), the models deployed onto the worker, and a gateway process attached by
+address. The worker node is SIGKILLed under load: calls fail fast with UNAVAILABLE and a retry delay (never
+INTERNAL, never a timeout), readiness turns false, and usage stays exact; the node starts again and the same
+gateway serves again without a restart. Prints what it measured."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import pytest_asyncio
+from conftest import ADMIN_TOKEN, ROOT
+
+from serving.partners.store import PartnerStore
+from serving.storage.database import Database
+from serving_sdk import NO_RETRIES, ApiError, AsyncClient
+
+BIN = Path(sys.executable).parent
+CALL_DEADLINE_S = 20.0  # a call that takes this long counts as a hang
+CLIENTS = 3
+OK_ROWS = "SELECT COUNT(*) FROM usage_records WHERE status = 'ok'"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Cluster:
+    """A Ray head and one worker node on this machine, each its own `ray start --block` process group."""
+
+    def __init__(self, temp_dir: str, env: dict[str, str]) -> None:
+        self.temp_dir, self.env, self.port = temp_dir, env, _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.head = self._start("--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false")
+        self.worker: subprocess.Popen[bytes] | None = None
+
+    def _start(self, *args: str) -> subprocess.Popen[bytes]:
+        command = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+        return subprocess.Popen(
+            [*command, f"--temp-dir={self.temp_dir}", *args],
+            env=self.env,
+            start_new_session=True,  # its own process group: a kill takes the raylet and its workers with it
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def start_worker(self) -> None:
+        # The custom resource exists only here; with no CPUs on the head, every replica must land on this node.
+        resources = json.dumps({"model_node": 1})
+        self.worker = self._start(f"--address={self.address}", "--num-cpus=2", f"--resources={resources}")
+
+    def kill_worker(self) -> None:
+        """SIGKILL to the worker node: its raylet (the one holding the custom resource), every process under it
+        (the model replicas, the node's agents) and its `ray start`, as when a machine dies."""
+        assert self.worker is not None
+        raylets = [
+            proc
+            for proc in psutil.process_iter(["cmdline"])
+            if any("raylet" in part for part in (proc.info["cmdline"] or ())[:1])
+            and any("model_node" in part for part in proc.info["cmdline"] or ())
+        ]
+        assert len(raylets) == 1, f"expected the worker node's raylet, found {len(raylets)}"
+        doomed = [*raylets, *raylets[0].children(recursive=True)]
+        for proc in doomed:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(doomed, timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.worker.pid, signal.SIGKILL)
+        self.worker.wait()
+
+    def stop(self) -> None:
+        for process in (self.worker, self.head):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def _ray_python(cluster: Cluster, code: str) -> str:
+    """Runs ``code`` as a driver of the cluster (token auth as the gateway does it) and returns its stdout."""
+    prelude = f"from serving.cli import _ray_init; _ray_init(address={cluster.address!r}, namespace='serve')\n"
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + code], env=cluster.env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _wait_nodes(cluster: Cluster, alive: int) -> None:
+    code = "import ray, time\n" + (
+        f"while sum(n['Alive'] for n in ray.nodes()) != {alive}: time.sleep(0.5)\n"  # readiness, not a fixed wait
+    )
+    _ray_python(cluster, code)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    temp_dir = tempfile.mkdtemp(prefix="rmn", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["RAY_AUTH_MODE"] = "token"  # Ray 2.60's head turns token auth on; a joining node must use the local token
+    env.pop("RAY_ADDRESS", None)
+    cluster = Cluster(temp_dir, env)
+    try:
+        cluster.start_worker()
+        _wait_nodes(cluster, alive=2)
+        _ray_python(
+            cluster,
+            "from pathlib import Path\n"
+            "from dataclasses import replace\n"
+            "from ray import serve\n"
+            "from serving.models.registry import load_registry\n"
+            "from serving.models.deployment import deploy_models\n"
+            "serve.start(proxy_location='Disabled')\n"
+            "specs = [s for s in load_registry(None) if s.id == 'minilm-l6']\n"
+            f"deploy_models(specs, Path({str(ROOT / '.cache' / 'models')!r}), 'mn')\n",
+        )
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def gateway(cluster: Cluster, tmp_path: Path) -> AsyncIterator[tuple[dict[str, int], str, Database]]:
+    """`serving gateway --ray-address` for the embedding model; a partner to call it with."""
+    registry = tmp_path / "registry.toml"
+    source = (ROOT / "src" / "serving" / "models" / "default.toml").read_text()
+    registry.write_text("[[models]]\n" + source.split("\n[[models]]\n")[1])  # the first model: minilm-l6
+    store = PartnerStore(Database(str(tmp_path / "serving.db")))
+    partner = store.create_partner("multinode", plan="unlimited")
+    key = store.issue_key(partner.id)
+    store.close()
+    env = {
+        **cluster.env,
+        "SERVING_DATA_DIR": str(tmp_path),
+        "SERVING_SERVE_APP_NAME": "mn",
+        "SERVING_ADMIN_TOKEN": ADMIN_TOKEN,
+        "SERVING_MODEL_REGISTRY": str(registry),
+        "SERVING_REPLICA_POLL_INTERVAL_S": "1",
+    }
+    command = [str(BIN / "serving"), "gateway", "--ray-address", cluster.address]
+    ports_args = ["--grpc-port", "0", "--http-port", "0", "--ops-port", "0"]
+    process = await asyncio.create_subprocess_exec(*command, *ports_args, env=env, stdout=asyncio.subprocess.PIPE)
+    assert process.stdout is not None
+    ports: dict[str, int] = {}
+    while line := await process.stdout.readline():
+        if line.startswith(b"READY "):
+            ports = json.loads(line[6:])
+            break
+    assert ports, f"the gateway exited before it was ready (code {await process.wait()})"
+    ledger = Database(str(tmp_path / "ledger.db"))
+    try:
+        yield ports, key, ledger
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 90)
+        ledger.close()
+
+
+async def _ready(ops: int) -> bool:
+    async with httpx.AsyncClient() as http:
+        return (await http.get(f"http://127.0.0.1:{ops}/readyz")).status_code == 200
+
+
+async def _until(check: Callable[[], Awaitable[bool]], timeout_s: float = 300.0) -> float:
+    """Seconds until ``check()`` holds. It reads another process's state, which has nothing to await: polled."""
+    started = time.monotonic()
+    async with asyncio.timeout(timeout_s):
+        while not await check():  # noqa: ASYNC110
+            await asyncio.sleep(0.25)
+    return time.monotonic() - started
+
+
+class Outcomes:
+    """Every call's outcome, as ``phase:code``; waiters wake on each new one."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, str, float]] = []  # (started, phase:code, seconds the call took)
+        self.phase = "before"
+        self._changed = asyncio.Condition()
+
+    async def add(self, started: float, code: str) -> None:
+        async with self._changed:
+            self.calls.append((started, f"{self.phase}:{code}", time.monotonic() - started))
+            self._changed.notify_all()
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for _, seen, _ in self.calls if seen == outcome)
+
+    def codes(self) -> Counter[str]:
+        return Counter(seen for _, seen, _ in self.calls)
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+
+async def test_losing_the_model_node_fails_fast_and_recovers(
+    cluster: Cluster, gateway: tuple[dict[str, int], str, Database]
+) -> None:
+    ports, key, ledger = gateway
+    target = f"127.0.0.1:{ports['grpc_port']}"
+    outcomes = Outcomes()
+    stop = asyncio.Event()
+
+    async def client(index: int) -> None:
+        async with AsyncClient(target, key, retry=NO_RETRIES, timeout_s=CALL_DEADLINE_S) as sdk:
+            for n in itertools.count():
+                if stop.is_set():
+                    return
+                started = time.monotonic()
+                try:
+                    await sdk.embed([f"client {index} call {n}"])
+                    code = "ok"
+                except ApiError as exc:
+                    code = exc.code
+                    assert code != "UNAVAILABLE" or exc.retry_after_s, "UNAVAILABLE must say when to retry"
+                await outcomes.add(started, code)
+                if code != "ok":  # a client backs off as told, instead of spinning
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 0.2)
+
+    tasks = [asyncio.create_task(client(i)) for i in range(CLIENTS)]
+    await outcomes.wait_for(lambda: outcomes.count("before:ok") >= 30)
+    assert await _ready(ports["ops_port"])
+
+    outcomes.phase = "outage"
+    killed_at = time.monotonic()
+    await asyncio.to_thread(cluster.kill_worker)
+    unready_after_s = await _until(lambda: _not_ready(ports["ops_port"]))
+    refused = ("outage:UNAVAILABLE", "outage:INTERNAL", "outage:DEADLINE_EXCEEDED", "outage:UNKNOWN")
+    await outcomes.wait_for(lambda: sum(outcomes.codes()[seen] for seen in refused) >= 10)
+    outage_s = time.monotonic() - killed_at
+
+    outcomes.phase = "recovery"
+    restarted_at = time.monotonic()
+    await asyncio.to_thread(cluster.start_worker)
+    await outcomes.wait_for(lambda: outcomes.count("recovery:ok") >= 1)
+    recovered_after_s = time.monotonic() - restarted_at
+    await _until(lambda: _ready(ports["ops_port"]))
+    stop.set()
+    await asyncio.gather(*tasks)
+
+    codes = outcomes.codes()
+    slowest = max(took for _, _, took in outcomes.calls)
+    served = sum(n for seen, n in codes.items() if seen.endswith(":ok"))
+    ledger_rows = await _ledger_rows_when_flushed(ledger, served)
+    report = {
+        "calls": len(outcomes.calls),
+        "by_phase_and_code": dict(sorted(codes.items())),
+        "readiness_false_after_kill_s": round(unready_after_s, 1),
+        "outage_observed_s": round(outage_s, 1),
+        "first_ok_after_restart_s": round(recovered_after_s, 1),
+        "slowest_call_s": round(slowest, 2),
+        "served": served,
+        "ledger_rows": ledger_rows,
+    }
+    print("\nmulti-node:", json.dumps(report))
+    failures = {seen.split(":", 1)[1] for seen in codes if not seen.endswith(":ok")}
+    assert failures <= {"UNAVAILABLE"}, codes  # never INTERNAL, never DEADLINE_EXCEEDED
+    assert slowest < CALL_DEADLINE_S
+    assert ledger_rows == served  # every served call billed once
+    unbilled = ledger.query("SELECT COUNT(*), COALESCE(SUM(input_tokens), 0) FROM usage_records WHERE status <> 'ok'")
+    assert int(unbilled[0][1]) == 0  # a call that failed was billed nothing
+
+
+async def _not_ready(ops: int) -> bool:
+    return not await _ready(ops)
+
+
+async def _ledger_rows_when_flushed(ledger: Database, served: int) -> int:
+    """The ledger's rows once the gateway's journal reached it (within its flush interval), or after 30 s."""
+
+    async def flushed() -> bool:
+        return int(ledger.query(OK_ROWS)[0][0]) >= served
+
+    with contextlib.suppress(TimeoutError):
+        await _until(flushed, timeout_s=30.0)
+    return int(ledger.query(OK_ROWS)[0][0])

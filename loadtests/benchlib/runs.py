@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 
 from benchlib.common import EMBED_MODEL, NOOP_MODEL, Config, Measurement
-from benchlib.cpu import VARIANT_DOORS, CpuRow, cpu_steps, echo_row, idle_cores, variant_rows
+from benchlib.cpu import VARIANT_DOORS, CpuRow, access_token, cpu_steps, echo_row, idle_cores, variant_rows
 from benchlib.overhead import LATENCY_PREFIX, Overhead, overhead_steps, start_overhead
 from benchlib.plain import plain_run
 from benchlib.scaleout import measure_scaleout
@@ -138,6 +138,9 @@ class CpuOutcome:
     notes: list[str]
 
 
+ECHO_KEY = "echo-server-ignores-keys"  # the SDK refuses an empty key; the echo server checks none
+
+
 async def measure_cpu(stack: Stack, store: Any, echo: str, redis_url: str, cfg: Config) -> CpuOutcome:
     """Rows CPU (see ``benchlib.cpu``): the echo first and last; between them each variant's rows with only
     that variant's gateway alive in this process (started here, stopped after its rows)."""
@@ -149,7 +152,7 @@ async def measure_cpu(stack: Stack, store: Any, echo: str, redis_url: str, cfg: 
         return cpu_steps(rows, api_key, cfg, stack.tmp / "access.log", wrap)
 
     out = CpuOutcome([], {"echo": await idle_cores()}, [])
-    out.measured += await run_plan(steps([echo_row(1, echo, cfg)], ""))
+    out.measured += await run_plan(steps([echo_row(1, echo, cfg)], ECHO_KEY))
     for variant in VARIANT_DOORS:
         overhead = await start_overhead(
             stack, store, redis_url, only=(variant,), partner=f"bench-cpu-{variant}", data_prefix="cpu"
@@ -158,11 +161,12 @@ async def measure_cpu(stack: Stack, store: Any, echo: str, redis_url: str, cfg: 
             if variant not in overhead.targets:
                 out.notes.append(f"CPU: ON (Redis quota) rows skipped: {overhead.note}")
                 continue
+            token = None if variant == "off" else access_token(store, overhead.partner_id)
             out.idle_cores[variant] = await idle_cores()
-            out.measured += await run_plan(steps(variant_rows(variant, overhead, cfg), overhead.api_key))
+            out.measured += await run_plan(steps(variant_rows(variant, overhead, cfg, token), overhead.api_key))
         finally:
             await overhead.stop()
-    out.measured += await run_plan(steps([echo_row(2, echo, cfg)], ""))
+    out.measured += await run_plan(steps([echo_row(2, echo, cfg)], ECHO_KEY))
     return out
 
 

@@ -114,6 +114,7 @@ def start_stack(tmp: Path, hardware: Hardware, with_plain: bool = True) -> Stack
         http_port=0,
         ops_port=0,
         shutdown_grace_s=1.0,
+        serve_app_name=APP_PREFIX,  # the gateways read these applications' replica states (decision 0014)
     ).validate()
     specs = load_registry(registry)
     model_dir = resolve_model_dir(specs[0], CACHE_DIR)

@@ -19,6 +19,7 @@ from typing import Any
 
 from serving import eventloop
 from serving.cli_admin import add_admin_commands
+from serving.gateway.ray_node import own_ray_node
 from serving.gateway.workers import DRAINED_LINE, PortInUse, Supervisor, ready_line, reserve_port, worker_specs
 from serving.models.registry import ModelSpec, load_registry
 from serving.observability import access_log
@@ -216,7 +217,7 @@ def _require_shared_quota(settings: Settings) -> None:
         raise SystemExit(2)
 
 
-async def _supervise(settings: Settings, ray_address: str, key: str | None) -> int:
+async def _supervise(settings: Settings, ray_address: str, key: str | None, ray_temp_dir: str | None = None) -> int:
     """``--workers N`` (N > 1): N gateway processes on the same partner ports (``gateway/workers.py``), started
     and stopped together; returns the exit code."""
     stop = asyncio.Event()
@@ -230,7 +231,7 @@ async def _supervise(settings: Settings, ray_address: str, key: str | None) -> i
         except PortInUse as exc:
             log.error("cannot start the gateway workers: %s", exc)
             return 1
-        supervisor = Supervisor(worker_specs(settings, ray_address, grpc_port, http_port))
+        supervisor = Supervisor(worker_specs(settings, ray_address, grpc_port, http_port, ray_temp_dir))
         billing: asyncio.subprocess.Process | None = None
         readers: set[asyncio.Task[None]] = set()  # billing's stdout, read on
         ready = await supervisor.start(stop)
@@ -261,6 +262,19 @@ def _ray_auth_rejected(error: BaseException | None) -> bool:
     return False
 
 
+def _ray_auth_env() -> None:
+    """Sets RAY_AUTH_MODE=token (also for child processes) if RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token holds a token and RAY_AUTH_MODE is unset; a cluster without token authentication accepts such
+    a client too."""
+    if "RAY_AUTH_MODE" not in os.environ:
+        with contextlib.suppress(ImportError):  # Ray's own step for ``auto``; absent in other Ray versions
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def _ray_init(**kwargs: Any) -> None:
     """``ray.init`` that authenticates to a running cluster alike for an explicit address and for ``auto``.
 
@@ -271,15 +285,7 @@ def _ray_init(**kwargs: Any) -> None:
     """
     import ray
 
-    if "RAY_AUTH_MODE" not in os.environ:
-        with contextlib.suppress(ImportError):  # Ray's own step for ``auto``; absent in other Ray versions
-            from ray._private.authentication.authentication_token_setup import (
-                maybe_enable_token_auth_if_token_available,
-            )
-
-            # RAY_AUTH_MODE=token (also for child processes) if RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
-            # ~/.ray/auth_token holds a token; a cluster without token authentication accepts such a client too.
-            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    _ray_auth_env()
     try:
         ray.init(**kwargs)
     except ConnectionError as error:
@@ -360,17 +366,23 @@ def cmd_gateway(args: argparse.Namespace) -> None:
     from serving.models.deployment import attach_models
 
     settings = _settings(args)
-    if settings.workers > 1 and not args.worker:  # the supervisor: no Ray, no stores of its own
-        _require_shared_quota(settings)
-        raise SystemExit(asyncio.run(_supervise(settings, settings.ray_address or "auto", None)))
-    store = PartnerStore(Database(settings.partners_db_url))
-    _ray_init(address=settings.ray_address or "auto", logging_level=logging.WARNING, namespace="serve")
-    try:
+    with contextlib.ExitStack() as stack:
+        # A supervisor's worker gets the node its supervisor started; otherwise start one if configured.
+        node_dir: str | None = args.ray_temp_dir
+        if settings.ray_own_node and node_dir is None:
+            if settings.ray_address in (None, "auto"):
+                raise SystemExit("serving: SERVING_RAY_OWN_NODE joins a cluster by its address: set --ray-address")
+            _ray_auth_env()  # before the node starts: it must authenticate to the cluster as the driver does
+            node_dir = stack.enter_context(own_ray_node(str(settings.ray_address)))
+        if settings.workers > 1 and not args.worker:  # the supervisor: no Ray, no stores of its own
+            _require_shared_quota(settings)
+            raise SystemExit(asyncio.run(_supervise(settings, settings.ray_address or "auto", None, node_dir)))
+        store = stack.enter_context(contextlib.closing(PartnerStore(Database(settings.partners_db_url))))
+        node = {} if node_dir is None else {"_temp_dir": node_dir}  # ray.init attaches to that node's raylet
+        _ray_init(address=settings.ray_address or "auto", logging_level=logging.WARNING, namespace="serve", **node)
+        stack.callback(ray.shutdown)
         handles = attach_models(load_registry(settings.model_registry), settings.serve_app_name)
         eventloop.run(_serve_until_signal(settings, handles, store, None, worker=args.worker), settings.event_loop)
-    finally:
-        ray.shutdown()
-        store.close()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -391,6 +403,7 @@ def parser() -> argparse.ArgumentParser:
         )
     # A worker of a --workers supervisor: shares the partner ports, reports its drain, stops if the supervisor dies.
     gateway.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    gateway.add_argument("--ray-temp-dir", dest="ray_temp_dir", help=argparse.SUPPRESS)  # the supervisor's own node
     run.set_defaults(func=cmd_run)
     gateway.set_defaults(func=cmd_gateway)
 

@@ -31,8 +31,9 @@ class Caller:
     """An authenticated partner; the key id is the key's public prefix, never the secret."""
 
     partner_id: str
-    key_id: str
+    key_id: str  # an API key's id, or the OAuth client id of an access token (usage is metered to it)
     plan: Plan
+    scopes: frozenset[str] | None = None  # None: every scope (an API key issued without scopes)
 
 
 @dataclass(frozen=True)

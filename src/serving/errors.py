@@ -47,6 +47,18 @@ class PermissionDenied(ServingError):
     pass
 
 
+class CredentialsMissing(Unauthenticated):
+    """No credential at all (RFC 6750: the challenge then names no error)."""
+
+
+class InsufficientScope(PermissionDenied):
+    """A valid credential whose scopes do not include the operation's (RFC 6750's ``insufficient_scope``)."""
+
+    def __init__(self, message: str, *, scope: str) -> None:
+        super().__init__(message, param="scope")
+        self.scope = scope
+
+
 class NotFound(ServingError):
     pass
 
@@ -112,6 +124,7 @@ ERROR_TABLE: dict[type[ServingError], ErrorKind] = {
     PayloadTooLarge: ErrorKind("INVALID_ARGUMENT", 413, "invalid_request_error", "payload_too_large"),
     Unauthenticated: ErrorKind("UNAUTHENTICATED", 401, "authentication_error", "invalid_api_key"),
     PermissionDenied: ErrorKind("PERMISSION_DENIED", 403, "permission_error", "permission_denied"),
+    InsufficientScope: ErrorKind("PERMISSION_DENIED", 403, "permission_error", "insufficient_scope"),
     NotFound: ErrorKind("NOT_FOUND", 404, "invalid_request_error", "not_found"),
     ModelNotFound: ErrorKind("NOT_FOUND", 404, "invalid_request_error", "model_not_found"),
     AlreadyExists: ErrorKind("ALREADY_EXISTS", 409, "invalid_request_error", "request_id_reused"),

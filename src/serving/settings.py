@@ -85,10 +85,17 @@ class Settings:
     # the final counters (only when something scraped this gateway before), at most this long.
     final_scrape_wait_s: float = 30.0
     ray_address: str | None = None
+    # `gateway` only: start a zero-CPU Ray node of its own (a raylet next to the gateway) and attach to it, instead of
+    # needing a raylet of the cluster's on this machine; with GCS fault tolerance the gateway then rides out a head
+    # restart (decision 0015). Needs ray_address. The k8s gateway pods run this way.
+    ray_own_node: bool = False
     ray_num_cpus: int | None = None
     serve_app_name: str = "models"
     demo_partner: str = "demo"
     auth_cache_ttl_s: float = 2.0
+    # OAuth2 client credentials (docs/identity.md): access tokens live this long, and name this issuer and audience.
+    oauth_token_ttl_s: float = 900.0
+    oauth_issuer: str = "serving"
     # None: SQLite files under data_dir; "postgresql://..." at scale.
     database_url: str | None = None
     ledger_database_url: str | None = None
@@ -105,6 +112,8 @@ class Settings:
     idempotency_retry_ttl_s: float = 600.0
     idempotency_max_bytes: int = 1_048_576
     admin_token: str | None = None
+    # The admin CLI's caller (like its --token): the operator token a command runs as (docs/admin.md).
+    operator_token: str | None = None
     gateway_id: str = "gateway-0"  # names this replica's usage journal; unique per replica sharing a data dir
     ledger_flush_interval_s: float = 0.05
     replica_poll_interval_s: float = 5.0  # how often the gateway reads replica counts and generation load (metrics)

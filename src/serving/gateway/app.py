@@ -12,8 +12,9 @@ import contextlib
 import functools
 import logging
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,13 @@ from serving.gateway.grpc import Health, build_grpc_server
 from serving.gateway.http import build_http_app
 from serving.gateway.http_admin import admin_router
 from serving.gateway.http_common import HttpConfig
+from serving.gateway.http_oauth import OAuthEndpoints
 from serving.gateway.http_ops import build_ops_app
 from serving.gateway.router import ModelRoute, Router, replica_counts
 from serving.idempotency.keys import IdempotencyKeys
 from serving.idempotency.redis_store import RedisIdempotency
 from serving.idempotency.store import IdempotencyStore, MemoryIdempotency
+from serving.identity.tokens import TokenIssuer, TokenVerifier
 from serving.metering.ledger import Ledger
 from serving.metering.usage import usage_by_day
 from serving.models.codec import TextCodec
@@ -52,7 +55,7 @@ from serving.storage.redis_batch import RedisBatch
 
 log = logging.getLogger("serving.gateway")
 
-_READY_CACHE_S = 2.0
+_READY_POLL_S = 1.0  # how often the watcher asks the Serve controller
 
 
 def build_routes(specs: list[ModelSpec], handles: dict[str, Any], cache_dir: Path) -> dict[str, ModelRoute]:
@@ -70,26 +73,58 @@ class _Readiness:
     "drained" (every request finished and was stored; the ops listener waits for billing's last scrape)."""
 
     app_names: list[str]
-    checked_at: float = -1e9
     ready: bool = False
     serving: frozenset[str] | None = None  # applications with a running replica; None: not known yet
     stopping: bool = False
     drained: bool = False
+    unreachable_since: float | None = None  # the Serve controller has not answered since then
 
     def __call__(self) -> str:
+        """The state as last refreshed: never waits on the controller (probes must answer during its outage)."""
         if self.drained:
             return "drained"
         if self.stopping:
             return "draining"
-        now = time.monotonic()
-        if now - self.checked_at > _READY_CACHE_S:
-            try:
-                self.ready, self.serving = models_state(self.app_names)
-            except Exception:  # the controller is unreachable: not ready
-                log.warning("readiness check failed", exc_info=True)
-                self.ready = False
-            self.checked_at = now
         return "ready" if self.ready else "loading"
+
+    def refresh(self) -> None:
+        """Asks the Serve controller (blocking; one caller, the gateway's watcher). When it fails, the last answer
+        stands: while the head restarts under GCS fault tolerance the replicas keep serving and the gateway's
+        handles keep their replica lists, and a gateway turning unready then would cut every partner off for an
+        outage they would not otherwise see. (Asked while the controller is down, Serve waits for it to return.)
+        Before the first answer the gateway is not ready."""
+        try:
+            self.ready, self.serving = models_state(self.app_names)
+        except Exception:
+            if self.unreachable_since is None:
+                log.warning("the Serve controller did not answer; keeping the last model state", exc_info=True)
+                self.unreachable_since = time.monotonic()
+            return
+        if self.unreachable_since is not None:
+            log.warning("the Serve controller answers again after %.1f s", time.monotonic() - self.unreachable_since)
+            self.unreachable_since = None
+
+
+async def _in_daemon_thread(work: Callable[[], None]) -> None:
+    """``work()`` on a daemon thread of its own. While the head is down ``serve.status()`` waits for the controller
+    to return: on the default executor such a call would hold up the process's exit after a graceful stop (the
+    executor joins its threads); a daemon thread is simply left behind."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not done.done():  # cancelled when the watcher stops
+            done.set_result(None)
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+                loop.call_soon_threadsafe(settle)
+
+    threading.Thread(target=run, name="serve-status", daemon=True).start()
+    await done
 
 
 class _Listener(uvicorn.Server):
@@ -161,7 +196,13 @@ class Gateway:
             observe_lag=self.metrics.ledger_write_lag.observe,
         )
         self.metrics.bind_ledger_backlog(lambda: self.ledger.backlog)
-        self.authenticator = Authenticator(store, settings.auth_cache_ttl_s)
+        # Access tokens: verified locally from the signing keys; issued by POST /oauth/token on the partner port.
+        self.tokens = TokenVerifier(store.signing.public_keys, settings.oauth_issuer, settings.oauth_token_ttl_s)
+        self.authenticator = Authenticator(store, settings.auth_cache_ttl_s, tokens=self.tokens)
+        issuer = TokenIssuer(
+            store.client_owner, store.signing.signing_key, settings.oauth_issuer, settings.oauth_token_ttl_s
+        )
+        self.oauth = OAuthEndpoints(issuer, store.signing.jwks)
         self.idempotency = build_idempotency(settings, self.redis)
         self.keys = IdempotencyKeys(self.idempotency, self.ledger.seen, settings.idempotency_retry_ttl_s)
         self.admission = Admission(self.quota, specs, settings.admission, on_shed=self._count_shed)
@@ -216,16 +257,18 @@ class Gateway:
                 self.metrics.record_generation_load(model, stats)
 
     async def _watch_readiness(self) -> None:
-        """Keeps gRPC health in step with model readiness (``/readyz`` asks on each probe)."""
+        """Asks the Serve controller every second and keeps readiness (what ``/readyz`` reads), gRPC health and
+        the router's fail-fast marks in step with its answer."""
         assert self._health is not None
         while not self.readiness.stopping:
-            state = await asyncio.to_thread(self.readiness)
+            await _in_daemon_thread(self.readiness.refresh)
+            state = self.readiness()
             if self.readiness.serving is not None:  # calls to a model without replicas fail fast, not wait
                 for model, app in self.app_names.items():
                     self.router.set_serving(model, app in self.readiness.serving)
             if state not in ("draining", "drained"):
                 await self._health.models_ready(state == "ready")
-            await asyncio.sleep(_READY_CACHE_S / 2)
+            await asyncio.sleep(_READY_POLL_S)
 
     def _scraped(self) -> None:
         self._scrapes += 1
@@ -264,13 +307,13 @@ class Gateway:
         self._grpc_server = grpc_server
         self._ready_task = asyncio.create_task(self._watch_readiness())
         partner_app = build_http_app(
-            self.core, HttpConfig(s.limits.max_request_bytes, s.http_timeout_s), self.readiness
+            self.core, HttpConfig(s.limits.max_request_bytes, s.http_timeout_s), self.readiness, self.oauth
         )
         tls = s.tls_cert_file is not None
         self._http = await self._serve_http(partner_app, s.http_host, s.http_port, reuse_port, tls)
         self.http_port = self._http[2]
-        admin = admin_router(self.store, self.ledger.db, s.admin_token)
-        ops_app = build_ops_app(self.metrics, self.readiness, admin, on_scrape=self._scraped)
+        admin = admin_router(self.store, self.ledger.db, s.admin_token, self.metrics)
+        ops_app = build_ops_app(self.metrics, self.readiness, admin, on_scrape=self._scraped, jwks=self.oauth.jwks)
         self._ops = await self._serve_http(ops_app, s.ops_host, s.ops_port)
         self.ops_port = self._ops[2]
 

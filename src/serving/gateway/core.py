@@ -33,6 +33,7 @@ from serving.domain import (
 )
 from serving.errors import (
     DeadlineExceeded,
+    InsufficientScope,
     PermissionDenied,
     QuotaExceeded,
     ServingError,
@@ -44,6 +45,7 @@ from serving.gateway.router import ModelRoute, Router
 from serving.gateway.stream import EventStream, StreamPace, nothing_to_settle, replay_events
 from serving.idempotency.codec import Outcome, expect_outcome, fingerprint
 from serving.idempotency.keys import IdempotencyKeys
+from serving.identity.scopes import USAGE_READ, format_scopes, scope_for
 from serving.metering.record import UsageRecord
 from serving.metering.usage import UsageReport, UsageRow
 from serving.models.sequence import GenerateItem, GenerateOutput
@@ -256,16 +258,23 @@ class Core:
 
     async def usage(self, ctx: CallContext, start_day: str, end_day: str) -> UsageReport:
         """The caller's own usage by day, model and operation; the key alone decides whose."""
-        caller = await self.authenticate(ctx)
+        caller = await self.authenticate(ctx, USAGE_READ)
         start, end = validation.day_range(start_day, end_day, datetime.datetime.now(datetime.UTC).date())
         rows = await asyncio.to_thread(self._usage, caller.partner_id, start, end)
         return UsageReport(caller.partner_id, start, end, rows)
 
-    async def authenticate(self, ctx: CallContext) -> Caller:
-        """For routes outside the inference path (usage): the same key check and IP rule."""
+    async def authenticate(self, ctx: CallContext, scope: str | None = None) -> Caller:
+        """The key or access token, the IP rule, and the operation's scope (None: any valid credential)."""
         caller = await self._auth.authenticate(ctx.api_key)
         if not caller.plan.allows_ip(ctx.peer):
             raise PermissionDenied(f"requests from {ctx.peer} are not in your plan's IP allowlist", param="peer")
+        if scope is not None and caller.scopes is not None and scope not in caller.scopes:
+            held = format_scopes(caller.scopes) or "none"
+            raise InsufficientScope(
+                f"this credential lacks the {scope!r} scope (it has: {held}); use a key or request a token with"
+                f" scope {scope}",
+                scope=scope,
+            )
         return caller
 
     # --- shared steps ---------------------------------------------------------------------------------
@@ -298,7 +307,7 @@ class Core:
             raise Unavailable("this gateway is shutting down; retry (another replica answers)", retry_after_s=1.0)
         call.span = self._tracing.start_request(call.operation, call.model, ctx.traceparent, ctx.tracestate)
         with self._tracing.stage("prepare", call.span):
-            call.caller = await self.authenticate(ctx)
+            call.caller = await self.authenticate(ctx, scope_for(task))
             call.request_id = ctx.meta.request_id = validation.request_id(request_id)
             route = self._router.route(call.model, task)
             if not call.caller.plan.allows_model(call.model):

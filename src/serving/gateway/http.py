@@ -34,6 +34,7 @@ from serving.gateway.http_common import (
     request_id_header,
     sse,
 )
+from serving.gateway.http_oauth import OAuthEndpoints, oauth_routes
 from serving.gateway.http_openai import openai_router
 from serving.gateway.stream import EventStream
 
@@ -82,7 +83,7 @@ async def _native_events(stream: EventStream) -> AsyncIterator[str]:
         yield f"event: error\ndata: {bytes(error_response(exc).body).decode()}\n\n"
 
 
-def build_http_app(core: Core, config: HttpConfig, ready: ReadyCheck) -> FastAPI:
+def build_http_app(core: Core, config: HttpConfig, ready: ReadyCheck, oauth: OAuthEndpoints | None = None) -> FastAPI:
     app = FastAPI(
         title="Partner model API",
         version="1.0.0",
@@ -94,6 +95,8 @@ def build_http_app(core: Core, config: HttpConfig, ready: ReadyCheck) -> FastAPI
 
     install_error_handlers(app)
     health_routes(app, ready)
+    if oauth is not None:
+        oauth_routes(app, oauth)
 
     @app.post("/v1/embed", response_model=schemas.EmbedReply, tags=["inference"])
     async def embed(body: schemas.EmbedBody, request: Request) -> schemas.EmbedReply:

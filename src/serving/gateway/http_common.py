@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -15,10 +14,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.errors import (
+    CredentialsMissing,
+    InsufficientScope,
     InvalidInput,
     PayloadTooLarge,
     RouteNotFound,
     ServingError,
+    Unauthenticated,
     describe,
     openai_type_code,
     public_message,
@@ -32,7 +34,7 @@ from serving.gateway.stream import EventStream
 log = logging.getLogger("serving.http")
 
 # What readiness reports: "ready", or why not ("loading" while models start, "draining" on a graceful stop,
-# "drained" once every request of that stop finished and was stored).
+# "drained" once every request of that stop finished and was stored). Called on the event loop: it must not block.
 ReadyCheck = Callable[[], str]
 
 
@@ -53,8 +55,22 @@ def error_response(exc: BaseException, *, openai: bool = False) -> JSONResponse:
         headers["retry-after-ms"] = retry_after_ms(exc.retry_after_s)
         if not retryable(exc):
             headers["x-should-retry"] = "false"  # OpenAI's clients would otherwise retry a 429 that cannot pass
+    challenge = bearer_challenge(exc)
+    if challenge:
+        headers["www-authenticate"] = challenge
     body = schemas.error_body(public_message(exc), type_, code, param)
     return JSONResponse(body, status_code=kind.http_status, headers=headers)
+
+
+def bearer_challenge(exc: BaseException) -> str | None:
+    """RFC 6750 §3: what a 401, or a 403 for a missing scope, says about the bearer credential."""
+    if isinstance(exc, InsufficientScope):
+        return f'Bearer realm="serving", error="insufficient_scope", scope="{exc.scope}"'
+    if isinstance(exc, CredentialsMissing):
+        return 'Bearer realm="serving"'
+    if isinstance(exc, Unauthenticated):
+        return 'Bearer realm="serving", error="invalid_token"'
+    return None
 
 
 def validation_error(exc: RequestValidationError) -> ServingError:
@@ -203,5 +219,5 @@ def health_routes(app: FastAPI, ready: ReadyCheck) -> None:
 
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> Response:
-        state = await asyncio.to_thread(ready)  # may ask the Serve controller: keep it off the event loop
+        state = ready()  # the state the gateway's watcher keeps: never waits on the Serve controller
         return JSONResponse({"status": state}, status_code=200 if state == "ready" else 503)

@@ -41,6 +41,7 @@ from serving.gateway.http_common import (
 )
 from serving.gateway.openai_tokens import OpenAITokens
 from serving.gateway.stream import EventStream
+from serving.identity.scopes import EMBED
 
 # OpenAI's set has no "cancelled" (a generation whose caller left; in practice no client receives it): "length"
 # tells a client the text may be cut short, which "stop" would hide.
@@ -260,7 +261,7 @@ def openai_router(core: Core, config: HttpConfig) -> APIRouter:
         if body.dimensions is not None:
             native = next((m.dimensions for m in core.models() if m.id == body.model and m.task is Task.EMBED), None)
             if native is not None and body.dimensions != native:
-                await core.authenticate(ctx)  # the key is checked first, as for any other invalid input
+                await core.authenticate(ctx, EMBED)  # the credential first, as for any other invalid input
                 raise UnsupportedValue(
                     f"{body.model} returns {native} dimensions and cannot shorten them; send dimensions={native}"
                     " or leave it out",

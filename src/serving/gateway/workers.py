@@ -85,7 +85,9 @@ class WorkerSpec:
     env: dict[str, str]
 
 
-def worker_specs(settings: Settings, ray_address: str, grpc_port: int, http_port: int) -> list[WorkerSpec]:
+def worker_specs(
+    settings: Settings, ray_address: str, grpc_port: int, http_port: int, ray_temp_dir: str | None = None
+) -> list[WorkerSpec]:
     """``serving gateway --worker`` processes on the resolved partner ports. Settings given on the supervisor's
     command line travel as ``SERVING_*`` variables; the rest of the environment is inherited."""
     shared = {**os.environ, "SERVING_WORKERS": "1", "SERVING_DATA_DIR": str(settings.data_dir)}
@@ -100,6 +102,8 @@ def worker_specs(settings: Settings, ray_address: str, grpc_port: int, http_port
             sys.executable, "-m", "serving.cli", "gateway", "--worker", "--ray-address", ray_address,
             "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--ops-port", str(ops_port),
         ]  # fmt: skip
+        if ray_temp_dir is not None:  # the supervisor's own Ray node (ray_own_node): every worker attaches to it
+            argv += ["--ray-temp-dir", ray_temp_dir]
         specs.append(WorkerSpec(gateway_id, argv, {**shared, "SERVING_GATEWAY_ID": gateway_id}))
     return specs
 

@@ -168,21 +168,29 @@ def attach_models(specs: list[ModelSpec], app_prefix: str) -> dict[str, Deployme
     return {spec.id: serve.get_app_handle(f"{app_prefix}-{spec.id}") for spec in specs}
 
 
-def _running(replica_states: Mapping[Any, int]) -> bool:
+# Replica states in which a replica exists and answers calls: RECOVERING is a live replica a restarted Serve
+# controller re-attaches to (after a head restart under GCS fault tolerance), UPDATING and PENDING_MIGRATION ones
+# keep serving while they are reconfigured or moved. A replica that turns out dead fails its calls with
+# UNAVAILABLE and leaves these states at the next poll.
+SERVING_REPLICA_STATES = frozenset({"RUNNING", "RECOVERING", "UPDATING", "PENDING_MIGRATION"})
+
+
+def can_serve(replica_states: Mapping[Any, int]) -> bool:
     return any(
-        str(getattr(state, "value", state)) == "RUNNING" and count > 0 for state, count in replica_states.items()
+        str(getattr(state, "value", state)) in SERVING_REPLICA_STATES and count > 0
+        for state, count in replica_states.items()
     )
 
 
 def models_state(app_names: list[str]) -> tuple[bool, frozenset[str]]:
-    """Whether every model application is RUNNING, and which applications have a running replica (one question to
-    the Serve controller). An application can serve while it is not RUNNING (an update rolls its replicas), and
-    cannot while RUNNING is stale (its node just died): the gateway reads both."""
+    """Whether every model can serve now, and which applications have a replica that answers (one question to the
+    Serve controller). The application's own status is not used: an application serves while it is DEPLOYING (an
+    update rolls its replicas; a restarted controller recovers them), and cannot while RUNNING is stale (its node
+    just died)."""
     applications = serve.status().applications
-    ready = all(name in applications and applications[name].status == "RUNNING" for name in app_names)
     serving = frozenset(
         name
         for name in app_names
-        if name in applications and any(_running(d.replica_states) for d in applications[name].deployments.values())
+        if name in applications and any(can_serve(d.replica_states) for d in applications[name].deployments.values())
     )
-    return ready, serving
+    return all(name in serving for name in app_names), serving

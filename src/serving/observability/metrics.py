@@ -226,6 +226,14 @@ class Metrics:
             buckets=_LAG_BUCKETS,
             registry=self.registry,
         )
+        # Admin changes, counted as each audit record commits (changes made with the CLI are in the audit log only).
+        self.admin_changes = Counter(
+            "serving_admin_changes_total",
+            "Admin changes made through this gateway's admin API, each recorded in the audit log, by action"
+            " (partner.create, key.issue, operator.role, ...: the closed set in docs/admin.md).",
+            ["action"],
+            registry=self.registry,
+        )
         if _cuda_available():
             self.registry.register(GpuCollector())
 

@@ -27,9 +27,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from serving.domain import Caller
-from serving.errors import PermissionDenied, Unauthenticated, Unavailable
+from serving.errors import CredentialsMissing, PermissionDenied, Unauthenticated, Unavailable
+from serving.identity.clients import ClientOwner, is_client_id
+from serving.identity.tokens import TokenVerifier, looks_like_jwt
 from serving.partners.keys import matches, parse_key
 from serving.partners.store import KeyOwner
+
+Owner = KeyOwner | ClientOwner
 
 log = logging.getLogger("serving.auth")
 
@@ -39,9 +43,12 @@ _LOOKUP_THREADS = 4
 
 
 class KeyDirectory(Protocol):
-    """Where keys are looked up (``PartnerStore``); raises ``Unavailable`` when its database is unreachable."""
+    """Where keys and OAuth clients are looked up (``PartnerStore``); raises ``Unavailable`` when its database is
+    unreachable."""
 
     def key_owner(self, key_id: str) -> KeyOwner | None: ...
+
+    def client_owner(self, client_id: str) -> ClientOwner | None: ...
 
 
 class Authenticator:
@@ -53,19 +60,22 @@ class Authenticator:
         max_entries: int = _MAX_CACHED,
         stale_if_error_s: float = _STALE_IF_ERROR_S,
         lookup_threads: int = _LOOKUP_THREADS,
+        tokens: TokenVerifier | None = None,
     ) -> None:
         self._store = store
+        self._tokens = tokens  # None: access tokens are not accepted (no OAuth on this gateway)
         self._ttl_s = ttl_s
         self._clock = clock
         self._max_entries = max_entries
         self._stale_s = stale_if_error_s
-        self._cache: OrderedDict[str, tuple[float, KeyOwner | None]] = OrderedDict()  # key id -> (expires, owner)
-        self._inflight: dict[str, asyncio.Future[KeyOwner | None]] = {}
+        # key id or OAuth client id -> (expires, owner)
+        self._cache: OrderedDict[str, tuple[float, Owner | None]] = OrderedDict()
+        self._inflight: dict[str, asyncio.Future[Owner | None]] = {}
         self._executor = ThreadPoolExecutor(lookup_threads, thread_name_prefix="key-lookup")
         self._store_down = False  # the last lookup found the database unreachable
         self.stale_answers = 0  # keys answered from an expired entry because the database was unreachable
 
-    async def _lookup(self, key_id: str) -> KeyOwner | None:
+    async def _lookup(self, key_id: str) -> Owner | None:
         now = self._clock()
         hit = self._cache.get(key_id)
         if hit is not None and hit[0] > now:
@@ -73,7 +83,10 @@ class Authenticator:
             return hit[1]
         lookup = self._inflight.get(key_id)
         if lookup is None:  # the first miss asks the database; concurrent misses for this key id share it
-            lookup = asyncio.get_running_loop().run_in_executor(self._executor, self._store.key_owner, key_id)
+            find: Callable[[str], Owner | None] = (
+                self._store.client_owner if is_client_id(key_id) else self._store.key_owner
+            )
+            lookup = asyncio.get_running_loop().run_in_executor(self._executor, find, key_id)
             self._inflight[key_id] = lookup
             lookup.add_done_callback(lambda done: self._settled(key_id, done))
         stale = hit is not None and hit[0] + self._stale_s > now
@@ -90,13 +103,13 @@ class Authenticator:
                 retry_after_s=exc.retry_after_s or 1.0,
             ) from exc
 
-    def _answer_stale(self, key_id: str, hit: tuple[float, KeyOwner | None] | None) -> KeyOwner | None:
+    def _answer_stale(self, key_id: str, hit: tuple[float, Owner | None] | None) -> Owner | None:
         assert hit is not None
         self.stale_answers += 1
         self._cache.move_to_end(key_id)
         return hit[1]
 
-    def _settled(self, key_id: str, lookup: asyncio.Future[KeyOwner | None]) -> None:
+    def _settled(self, key_id: str, lookup: asyncio.Future[Owner | None]) -> None:
         del self._inflight[key_id]
         if lookup.cancelled():
             return
@@ -114,24 +127,50 @@ class Authenticator:
                 self._stale_s,
             )
 
-    def _remember(self, key_id: str, owner: KeyOwner | None) -> None:
+    def _remember(self, key_id: str, owner: Owner | None) -> None:
         self._cache[key_id] = (self._clock() + self._ttl_s, owner)
         self._cache.move_to_end(key_id)
         while len(self._cache) > self._max_entries:
             self._cache.popitem(last=False)
 
     async def authenticate(self, api_key: str | None) -> Caller:
+        """An API key or an OAuth access token (both sent as ``Bearer``) → the caller, with its scopes."""
         if not api_key:
-            raise Unauthenticated("missing API key: send 'authorization: Bearer <key>'", param="authorization")
+            raise CredentialsMissing("missing API key: send 'authorization: Bearer <key>'", param="authorization")
+        if looks_like_jwt(api_key):
+            return await self._authenticate_token(api_key)
         parsed = parse_key(api_key)
         owner = await self._lookup(parsed.key_id) if parsed else None
-        if parsed is None or owner is None or not matches(parsed, owner.key.digest):
+        if parsed is None or not isinstance(owner, KeyOwner) or not matches(parsed, owner.key.digest):
             raise Unauthenticated("unknown API key", param="authorization")
         if owner.key.revoked:
             raise Unauthenticated("this API key was revoked; ask for a new one", param="authorization")
         if owner.partner.disabled:
             raise PermissionDenied("this partner is disabled; contact support", param="authorization")
-        return Caller(partner_id=owner.partner.id, key_id=owner.key.key_id, plan=owner.plan)
+        return Caller(partner_id=owner.partner.id, key_id=owner.key.key_id, plan=owner.plan, scopes=owner.key.scopes)
+
+    async def _authenticate_token(self, token: str) -> Caller:
+        """Signature, expiry and claims are checked locally (the verifier caches each token until it expires); the
+        client's state comes through the same TTL cache as keys, so disabling a client or its partner takes effect
+        within ``ttl_s`` (during a database outage, within ``stale_if_error_s``), not at the token's expiry."""
+        if self._tokens is None:
+            raise Unauthenticated("access tokens are not accepted by this gateway", param="authorization")
+        claims = await self._tokens.verify(token)
+        owner = await self._lookup(claims.client_id)
+        if not isinstance(owner, ClientOwner):
+            raise Unauthenticated("the OAuth client of this access token no longer exists", param="authorization")
+        if owner.partner.id != claims.partner_id:
+            raise Unauthenticated(
+                f"this access token was issued for partner {claims.partner_id}, not for its client's partner",
+                param="authorization",
+            )
+        if owner.client.disabled:
+            raise Unauthenticated("the OAuth client of this access token is disabled", param="authorization")
+        if owner.partner.disabled:
+            raise PermissionDenied("this partner is disabled; contact support", param="authorization")
+        # Never more than the client holds now, whatever the token says.
+        scopes = claims.scopes & owner.client.scopes
+        return Caller(partner_id=owner.partner.id, key_id=claims.client_id, plan=owner.plan, scopes=scopes)
 
     def close(self) -> None:
         """Lets the lookup threads go (lookups still running finish on their own)."""

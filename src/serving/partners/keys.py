@@ -29,8 +29,14 @@ def new_key() -> tuple[str, ParsedKey]:
     return key, parsed
 
 
-def digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+def digest(secret: str) -> str:
+    """What is stored of a high-entropy secret (API keys, OAuth client secrets, operator tokens): its SHA-256."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def digest_matches(secret: str, stored_digest: str) -> bool:
+    """Whether ``secret`` is the one ``stored_digest`` was made from, in constant time."""
+    return hmac.compare_digest(digest(secret), stored_digest)
 
 
 def parse_key(key: str) -> ParsedKey | None:

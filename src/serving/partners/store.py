@@ -6,26 +6,19 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from serving.identity.clients import ClientOwner, OAuthClients
+from serving.identity.scopes import format_scopes, parse_scopes
+from serving.identity.signing import SigningKeys
 from serving.partners.keys import new_key
+from serving.partners.records import Partner as Partner  # re-exported: callers import them from here
+from serving.partners.records import PartnerNotFound as PartnerNotFound
 from serving.plans import DEFAULT_PLAN, DEFAULT_PLANS, Plan
 from serving.storage.database import Database
 from serving.storage.migrations import migrate
 
 
-class PartnerNotFound(LookupError):
-    pass
-
-
 class PlanNotFound(LookupError):
     pass
-
-
-@dataclass(frozen=True)
-class Partner:
-    id: str
-    name: str
-    plan: str
-    disabled: bool
 
 
 @dataclass(frozen=True)
@@ -35,6 +28,21 @@ class StoredKey:
     digest: str
     revoked: bool
     created_at: float
+    scopes: frozenset[str] | None = None  # None: every scope (a key issued without scopes)
+
+    def public(self) -> dict[str, object]:
+        """What admin routes and the audit log show: never the digest."""
+        scopes = None if self.scopes is None else format_scopes(self.scopes).split()
+        return {"key_id": self.key_id, "revoked": self.revoked, "created_at": self.created_at, "scopes": scopes}
+
+
+def _stored_key(row: tuple[object, ...]) -> StoredKey:
+    """From ``key_id, partner_id, digest, revoked_at, created_at, scopes``."""
+    scopes = None if row[5] is None else parse_scopes(str(row[5]))
+    return StoredKey(str(row[0]), str(row[1]), str(row[2]), row[3] is not None, float(row[4]), scopes)  # type: ignore[arg-type]
+
+
+_KEY_COLUMNS = "k.key_id, k.partner_id, k.digest, k.revoked_at, k.created_at, k.scopes"
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,8 @@ class PartnerStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         migrate(db)
+        self.clients = OAuthClients(db)  # OAuth clients and token signing keys live in this database too
+        self.signing = SigningKeys(db)
         for plan in DEFAULT_PLANS:
             db.execute("INSERT INTO plans VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING", plan.row())
 
@@ -125,12 +135,13 @@ class PartnerStore:
 
     # --- keys -----------------------------------------------------------------------------------------
 
-    def issue_key(self, partner_id: str) -> str:
-        """A new key for the partner; the plain key is returned once and never stored."""
+    def issue_key(self, partner_id: str, scopes: frozenset[str] | None = None) -> str:
+        """A new key for the partner; the plain key is returned once and never stored. ``scopes`` None: every
+        scope."""
         key, parsed = new_key()
         self.db.execute(
-            "INSERT INTO api_keys (key_id, partner_id, digest, created_at) VALUES (?, ?, ?, ?)",
-            (parsed.key_id, partner_id, parsed.digest, time.time()),
+            "INSERT INTO api_keys (key_id, partner_id, digest, created_at, scopes) VALUES (?, ?, ?, ?, ?)",
+            (parsed.key_id, partner_id, parsed.digest, time.time(), None if scopes is None else format_scopes(scopes)),
         )
         return key
 
@@ -141,40 +152,38 @@ class PartnerStore:
         return changed > 0
 
     def rotate_key(self, key_id: str) -> str:
-        """Issues a replacement key for the same partner and revokes the old one, atomically."""
+        """Issues a replacement key for the same partner (same scopes) and revokes the old one, atomically."""
         stored = self.key(key_id)
         if stored is None:
             raise PartnerNotFound(f"no key {key_id!r}")
         with self.db.transaction():
-            key = self.issue_key(stored.partner_id)
+            key = self.issue_key(stored.partner_id, stored.scopes)
             self.revoke_key(key_id)
         return key
 
     def key(self, key_id: str) -> StoredKey | None:
-        row = self.db.one(
-            "SELECT key_id, partner_id, digest, revoked_at, created_at FROM api_keys WHERE key_id = ?", (key_id,)
-        )
-        if row is None:
-            return None
-        return StoredKey(key_id=row[0], partner_id=row[1], digest=row[2], revoked=row[3] is not None, created_at=row[4])
+        row = self.db.one(f"SELECT {_KEY_COLUMNS} FROM api_keys k WHERE k.key_id = ?", (key_id,))
+        return None if row is None else _stored_key(row)
 
     def keys(self, partner_id: str) -> list[StoredKey]:
         rows = self.db.query(
-            "SELECT key_id, partner_id, digest, revoked_at, created_at FROM api_keys WHERE partner_id = ?"
-            " ORDER BY created_at",
-            (partner_id,),
+            f"SELECT {_KEY_COLUMNS} FROM api_keys k WHERE k.partner_id = ? ORDER BY k.created_at", (partner_id,)
         )
-        return [StoredKey(r[0], r[1], r[2], r[3] is not None, r[4]) for r in rows]
+        return [_stored_key(row) for row in rows]
 
     def key_owner(self, key_id: str) -> KeyOwner | None:
         row = self.db.one(
-            "SELECT k.key_id, k.partner_id, k.digest, k.revoked_at, k.created_at, p.name, p.plan, p.disabled,"
-            " pl.* FROM api_keys k JOIN partners p ON p.id = k.partner_id JOIN plans pl ON pl.name = p.plan"
-            " WHERE k.key_id = ?",
+            f"SELECT {_KEY_COLUMNS}, p.name, p.plan, p.disabled, pl.* FROM api_keys k"
+            " JOIN partners p ON p.id = k.partner_id JOIN plans pl ON pl.name = p.plan WHERE k.key_id = ?",
             (key_id,),
         )
         if row is None:
             return None
-        key = StoredKey(row[0], row[1], row[2], row[3] is not None, row[4])
-        partner = Partner(id=row[1], name=row[5], plan=row[6], disabled=bool(row[7]))
-        return KeyOwner(key=key, partner=partner, plan=Plan.from_row(row[8:]))
+        key = _stored_key(row)
+        partner = Partner(id=key.partner_id, name=row[6], plan=row[7], disabled=bool(row[8]))
+        return KeyOwner(key=key, partner=partner, plan=Plan.from_row(row[9:]))
+
+    # --- OAuth clients --------------------------------------------------------------------------------
+
+    def client_owner(self, client_id: str) -> ClientOwner | None:
+        return self.clients.owner(client_id)

@@ -50,6 +50,10 @@ class DatabaseUnavailable(Unavailable):
         super().__init__(message, retry_after_s=_RETRY_AFTER_S)
 
 
+class DuplicateRow(ValueError):
+    """An insert hit a unique constraint (two writers raced past a check for the same name)."""
+
+
 class _NoConnection(DatabaseUnavailable):
     """No live connection within the timeout (the server is down or keeps dropping them): not worth a retry."""
 
@@ -232,9 +236,17 @@ class Database:
             raise
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
-        """Runs one statement; returns the number of rows it changed."""
+        """Runs one statement; returns the number of rows it changed. A unique constraint it breaks raises
+        ``DuplicateRow``, on SQLite and PostgreSQL alike."""
         statement = self._sql(sql)
-        return self._run(lambda conn: int(conn.execute(statement, tuple(params)).rowcount or 0), write=True)
+        try:
+            return self._run(lambda conn: int(conn.execute(statement, tuple(params)).rowcount or 0), write=True)
+        except psycopg.errors.UniqueViolation as exc:
+            raise DuplicateRow(str(exc)) from exc
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" not in str(exc):
+                raise
+            raise DuplicateRow(str(exc)) from exc
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if not rows:

@@ -63,7 +63,63 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX IF NOT EXISTS usage_partner_day ON usage_records(partner_id, day)",
         ],
     ),
+    (
+        3,
+        "oauth clients, token signing keys, api key scopes",
+        [
+            "ALTER TABLE api_keys ADD COLUMN scopes TEXT",  # space-separated; NULL: every scope
+            """CREATE TABLE IF NOT EXISTS oauth_clients (
+                client_id TEXT PRIMARY KEY,
+                partner_id TEXT NOT NULL REFERENCES partners(id),
+                name TEXT NOT NULL,
+                digest TEXT NOT NULL,
+                scopes TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                disabled_at DOUBLE PRECISION
+            )""",
+            "CREATE INDEX IF NOT EXISTS oauth_clients_partner ON oauth_clients(partner_id)",
+            """CREATE TABLE IF NOT EXISTS signing_keys (
+                kid TEXT PRIMARY KEY,
+                private_pem TEXT NOT NULL,
+                public_jwk TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                retired_at DOUBLE PRECISION
+            )""",
+        ],
+    ),
+    (
+        4,
+        "operators and the audit log",
+        [
+            """CREATE TABLE IF NOT EXISTS operators (
+                name TEXT PRIMARY KEY,
+                token_id TEXT NOT NULL UNIQUE,
+                digest TEXT NOT NULL,
+                role TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                disabled_at DOUBLE PRECISION
+            )""",
+            # Append-only: rows are inserted with the change they record and never updated or deleted.
+            """CREATE TABLE IF NOT EXISTS audit_log (
+                id TEXT PRIMARY KEY,
+                at DOUBLE PRECISION NOT NULL,
+                actor TEXT NOT NULL,
+                actor_role TEXT NOT NULL,
+                action TEXT NOT NULL,
+                target_kind TEXT NOT NULL,
+                target_id TEXT NOT NULL,
+                before_state TEXT,
+                after_state TEXT
+            )""",
+            "CREATE INDEX IF NOT EXISTS audit_log_at ON audit_log(at)",
+            "CREATE INDEX IF NOT EXISTS audit_log_actor ON audit_log(actor, at)",
+            "CREATE INDEX IF NOT EXISTS audit_log_target ON audit_log(target_kind, target_id, at)",
+        ],
+    ),
 ]
+
+
+_MIGRATION_LOCK = 0x5E2F1A6  # an arbitrary, fixed pg_advisory_xact_lock key for this schema
 
 
 def migrate(db: Database) -> int:
@@ -74,6 +130,12 @@ def migrate(db: Database) -> int:
         if version in applied:
             continue
         with db.transaction():
+            # Processes starting together (gateway replicas, the CLI) must not both apply a migration: one waits
+            # for the other (SQLite's BEGIN IMMEDIATE already serialises writers), then finds it applied.
+            if db.is_postgres:
+                db.query("SELECT pg_advisory_xact_lock(?)", (_MIGRATION_LOCK,))
+            if db.one("SELECT version FROM schema_migrations WHERE version = ?", (version,)) is not None:
+                continue
             for statement in statements:
                 db.execute(statement)
             db.execute(

@@ -1,0 +1,1 @@
+"""Identity beyond API keys: OAuth2 client credentials (clients, signing keys, access tokens) and scopes."""

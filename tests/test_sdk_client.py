@@ -121,7 +121,7 @@ async def test_unavailable_is_retried_with_one_idempotency_key_honouring_retry_i
     async def no_wait(seconds: float) -> None:  # records the SDK's waits instead of sleeping them
         waits.append(seconds)
 
-    monkeypatch.setattr(serving_sdk.aio.asyncio, "sleep", no_wait)
+    monkeypatch.setattr(serving_sdk.aio, "_sleep", no_wait)
     script.failures = [Failure(UNAVAILABLE, retry_after_s=0.2), Failure(UNAVAILABLE, retry_after_s=0.3)]
     async with AsyncClient(target, "sk-test", retry=FAST) as client:
         result = await client.embed(["hello"])

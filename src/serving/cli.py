@@ -21,7 +21,7 @@ from serving import eventloop
 from serving.cli_admin import add_admin_commands
 from serving.gateway.ray_node import own_ray_node
 from serving.gateway.workers import DRAINED_LINE, PortInUse, Supervisor, ready_line, reserve_port, worker_specs
-from serving.models.registry import ModelSpec, load_registry
+from serving.models.registry import ModelSpec, load_model_registry, load_registry
 from serving.observability import access_log
 from serving.partners.keys import parse_key
 from serving.partners.store import PartnerStore
@@ -173,8 +173,8 @@ async def _serve_until_signal(
 ) -> None:
     from serving.gateway.app import Gateway
 
-    specs = load_registry(settings.model_registry)
-    gateway = Gateway(settings, specs, handles, store)
+    registry = load_model_registry(settings.model_registry)
+    gateway = Gateway(settings, registry.models, handles, store, registry.aliases)
     await gateway.start(reuse_port=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import enum
 from dataclasses import dataclass, field
 
@@ -126,4 +127,9 @@ class ModelInfo:
     task: Task
     dimensions: int
     max_input_tokens: int
-    ready: bool
+    ready: bool  # callable now (False once past its sunset)
+    version: str = ""  # "2026-11" of a versioned id "minilm-l6@2026-11"
+    targets: tuple[tuple[str, int], ...] = ()  # an alias: (model id, weight) of each model it routes to
+    deprecated: datetime.datetime | None = None
+    sunset: datetime.datetime | None = None
+    replacement: str = ""  # what to call instead of a deprecated model or alias

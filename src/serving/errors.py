@@ -67,6 +67,14 @@ class ModelNotFound(NotFound):
     pass
 
 
+class ModelRetired(ServingError):
+    """The model or alias called is past its sunset; ``replacement`` names what to call instead (None: nothing)."""
+
+    def __init__(self, message: str, *, replacement: str | None) -> None:
+        super().__init__(message, param="model")
+        self.replacement = replacement
+
+
 class AlreadyExists(ServingError):
     pass
 
@@ -127,6 +135,7 @@ ERROR_TABLE: dict[type[ServingError], ErrorKind] = {
     InsufficientScope: ErrorKind("PERMISSION_DENIED", 403, "permission_error", "insufficient_scope"),
     NotFound: ErrorKind("NOT_FOUND", 404, "invalid_request_error", "not_found"),
     ModelNotFound: ErrorKind("NOT_FOUND", 404, "invalid_request_error", "model_not_found"),
+    ModelRetired: ErrorKind("FAILED_PRECONDITION", 410, "invalid_request_error", "model_sunset"),
     AlreadyExists: ErrorKind("ALREADY_EXISTS", 409, "invalid_request_error", "request_id_reused"),
     RouteNotFound: ErrorKind("UNIMPLEMENTED", 404, "invalid_request_error", "not_found"),
     IdempotencyKeyReused: ErrorKind("FAILED_PRECONDITION", 422, "invalid_request_error", "idempotency_key_reused"),

@@ -62,6 +62,25 @@ class Admission:
 
 
 @dataclass(frozen=True)
+class Webhooks:
+    """Usage alerts by webhook (docs/api.md#usage-alerts-webhooks, decision 0018); every gateway replica runs both
+    loops, and the database decides which replica sends a delivery."""
+
+    enabled: bool = True  # False: this replica neither evaluates thresholds nor sends (the routes still work)
+    evaluate_interval_s: float = 30.0  # how often month-to-date usage is compared with the thresholds
+    dispatch_interval_s: float = 1.0  # how often due deliveries are looked for (at once after a new event)
+    timeout_s: float = 10.0  # one attempt, connect to response headers
+    max_attempts: int = 10  # attempts of one delivery before it is marked failed (a replay starts a new series)
+    backoff_base_s: float = 30.0  # wait after the first failed attempt; doubles per attempt, with jitter
+    backoff_max_s: float = 3600.0  # the longest wait between two attempts
+    max_endpoints: int = 10  # registered endpoints per partner
+    # Endpoints on loopback (plain http allowed there: development, tests). False on shared hosts: a partner's URL
+    # could otherwise reach services that listen on the gateway's own loopback interface.
+    allow_loopback: bool = True
+    batch: int = 32  # deliveries one replica claims (and sends concurrently) per round
+
+
+@dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("var")
     model_registry: Path | None = None
@@ -131,6 +150,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     batching: Batching = field(default_factory=Batching)
     admission: Admission = field(default_factory=Admission)
+    webhooks: Webhooks = field(default_factory=Webhooks)
 
     @property
     def partners_db_url(self) -> str:
@@ -207,6 +227,13 @@ class Settings:
             )
         if not self.gateway_id or "/" in self.gateway_id:
             raise SettingsError("gateway_id must be a non-empty name without '/'")
+        hooks = self.webhooks
+        if min(hooks.evaluate_interval_s, hooks.dispatch_interval_s, hooks.timeout_s) <= 0 or hooks.backoff_base_s < 0:
+            raise SettingsError("webhooks need intervals and timeout_s > 0 and backoff_base_s >= 0")
+        if hooks.max_attempts < 1 or hooks.max_endpoints < 1 or hooks.batch < 1:
+            raise SettingsError("webhooks need max_attempts, max_endpoints and batch >= 1")
+        if hooks.backoff_max_s < hooks.backoff_base_s:
+            raise SettingsError("webhooks need backoff_max_s >= backoff_base_s")
         limits = self.limits
         if not 1 <= limits.default_output_tokens <= limits.max_output_tokens:
             raise SettingsError("limits need 1 <= default_output_tokens <= max_output_tokens")
@@ -233,7 +260,7 @@ def _overlay(obj: Any, env: Mapping[str, str], prefix: str) -> Any:
     changes: dict[str, Any] = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
-        if f.name in ("limits", "batching", "admission"):
+        if f.name in ("limits", "batching", "admission", "webhooks"):
             changes[f.name] = _overlay(value, env, f"{prefix}{f.name.upper()}_")
             continue
         key = f"{prefix}{f.name.upper()}"

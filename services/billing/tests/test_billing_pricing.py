@@ -164,3 +164,22 @@ def test_previous_month_crosses_the_year() -> None:
     assert previous_month(datetime(2026, 12, 1, 0, 5, tzinfo=UTC)) == "2026-11"
     assert previous_month(datetime(2027, 1, 1, 0, 0, tzinfo=UTC)) == "2026-12"
     assert Period.parse(previous_month(datetime(2027, 1, 15, tzinfo=UTC))).monthly
+
+
+def test_a_model_version_is_invoiced_per_version_at_its_base_price_unless_priced_itself() -> None:
+    """Usage is keyed by the concrete model (``emb@2`` is a version of ``emb``): one line item per version; a version
+    without a price of its own costs what its base does, and a price of its own wins."""
+    book = PriceBook.parse(
+        BOOK + '[[price]]\nmodel = "emb@3"\neffective_from = 2026-01-01T00:00:00Z\ninput_per_1k = "1"\n'
+    )
+    assert book.price("standard", "emb@2", ts(1)).input_per_1k == Decimal("0.0200")  # emb's
+    assert book.price("big", "emb@2", ts(1)).input_per_1k == Decimal("0.0100")  # emb's for plan big
+    assert book.price("standard", "emb@3", ts(1)).input_per_1k == Decimal("1")  # its own
+    assert book.price("standard", "other@1", ts(1)).input_per_1k == Decimal("0.5")  # "*", as for "other"
+    period = Period.parse("2026-11")
+    usage = {UsageKey("p1", "emb", "input_tokens", 0): 1000, UsageKey("p1", "emb@2", "input_tokens", 0): 2000}
+    [invoice] = build_invoices(period, usage, [period.start, ts(15), period.end], {"p1": "standard"}, book, "standard")
+    assert [(i.model, i.quantity, i.amount) for i in invoice.lines] == [
+        ("emb", 1000, Decimal("0.0200")),
+        ("emb@2", 2000, Decimal("0.0400")),
+    ]

@@ -14,7 +14,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ import uvicorn
 from transformers import AutoConfig
 
 from serving.domain import Task
+from serving.gateway.catalog import Catalog
 from serving.gateway.core import Core
 from serving.gateway.grpc import Health, build_grpc_server
 from serving.gateway.http import build_http_app
@@ -36,7 +37,8 @@ from serving.idempotency.redis_store import RedisIdempotency
 from serving.idempotency.store import IdempotencyStore, MemoryIdempotency
 from serving.identity.tokens import TokenIssuer, TokenVerifier
 from serving.metering.ledger import Ledger
-from serving.metering.usage import usage_by_day
+from serving.metering.usage import tokens_between, usage_by_day
+from serving.models.aliases import AliasSpec
 from serving.models.codec import TextCodec
 from serving.models.deployment import models_state
 from serving.models.registry import ModelSpec
@@ -52,6 +54,8 @@ from serving.quota.redis_quota import RedisQuota
 from serving.settings import Settings
 from serving.storage.database import Database
 from serving.storage.redis_batch import RedisBatch
+from serving.webhooks.service import WebhookService
+from serving.webhooks.store import WebhookStore
 
 log = logging.getLogger("serving.gateway")
 
@@ -171,8 +175,17 @@ def build_quota(settings: Settings, metrics: Metrics, redis: RedisBatch | None) 
 
 class Gateway:
     def __init__(
-        self, settings: Settings, specs: list[ModelSpec], handles: dict[str, Any], store: PartnerStore
+        self,
+        settings: Settings,
+        specs: list[ModelSpec],
+        handles: dict[str, Any],
+        store: PartnerStore,
+        aliases: Sequence[AliasSpec] = (),
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``aliases``: the registry's aliases over ``specs``; ``clock``: Unix seconds, what sunsets are checked
+        against (tests fix it)."""
+        catalog = Catalog(specs, aliases, clock)  # checked before anything opens
         self.settings = settings
         self.metrics = Metrics()
         self.tracing = build_tracing(
@@ -203,6 +216,9 @@ class Gateway:
             store.client_owner, store.signing.signing_key, settings.oauth_issuer, settings.oauth_token_ttl_s
         )
         self.oauth = OAuthEndpoints(issuer, store.signing.jwks)
+        # Usage alerts: endpoints, events and deliveries in the partner database; usage read from the ledger's.
+        usage = functools.partial(tokens_between, self.ledger.db)
+        self.webhooks = WebhookService(WebhookStore(store.db), usage, settings.webhooks, settings.gateway_id)
         self.idempotency = build_idempotency(settings, self.redis)
         self.keys = IdempotencyKeys(self.idempotency, self.ledger.seen, settings.idempotency_retry_ttl_s)
         self.admission = Admission(self.quota, specs, settings.admission, on_shed=self._count_shed)
@@ -216,6 +232,7 @@ class Gateway:
             functools.partial(usage_by_day, self.ledger.db),
             self.keys,
             self.tracing,
+            catalog,
         )
         self.app_names = {spec.id: f"{settings.serve_app_name}-{spec.id}" for spec in specs}
         self.readiness = _Readiness(list(self.app_names.values()))
@@ -300,6 +317,7 @@ class Gateway:
         ``gateway/workers.py``). The ops listener is never shared: each worker's /metrics is scraped on its own."""
         s = self.settings
         self._replica_task = asyncio.create_task(self.poll_replicas())
+        self.webhooks.start()  # threshold evaluation and delivery loops (settings.webhooks)
         grpc_server, self.grpc_port, self._health = await build_grpc_server(
             self.core, s.grpc_host, s.grpc_port, s.limits.max_request_bytes, s.http_timeout_s, reuse_port, s.tls_pem
         )
@@ -307,7 +325,11 @@ class Gateway:
         self._grpc_server = grpc_server
         self._ready_task = asyncio.create_task(self._watch_readiness())
         partner_app = build_http_app(
-            self.core, HttpConfig(s.limits.max_request_bytes, s.http_timeout_s), self.readiness, self.oauth
+            self.core,
+            HttpConfig(s.limits.max_request_bytes, s.http_timeout_s),
+            self.readiness,
+            self.oauth,
+            self.webhooks,
         )
         tls = s.tls_cert_file is not None
         self._http = await self._serve_http(partner_app, s.http_host, s.http_port, reuse_port, tls)
@@ -331,6 +353,7 @@ class Gateway:
         for task in (self._replica_task, self._ready_task):
             if task is not None:
                 task.cancel()
+        webhooks_stopped = asyncio.ensure_future(self.webhooks.stop())  # no new claims; attempts in flight finish
         if self._health is not None:
             await self._health.draining()
         grace = self.settings.shutdown_grace_s
@@ -339,6 +362,7 @@ class Gateway:
             log.warning("calls still in flight after the %.0f s grace period", grace)
         remaining = max(0.0, grace - (time.monotonic() - started))
         closing: list[Any] = [t for t in (self._replica_task, self._ready_task) if t is not None]
+        closing.append(webhooks_stopped)
         if self._grpc_server is not None:
             closing.append(self._grpc_server.stop(remaining))
         if self._http is not None:

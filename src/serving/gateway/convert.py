@@ -99,19 +99,26 @@ def stream_event(event: StreamEvent) -> inference_pb2.GenerateStreamResponse:
     return inference_pb2.GenerateStreamResponse(final=generate_response(event))
 
 
-def models_response(models: list[ModelInfo]) -> models_pb2.ListModelsResponse:
-    return models_pb2.ListModelsResponse(
-        models=[
-            models_pb2.ModelInfo(
-                id=m.id,
-                task=_TASK[m.task],
-                dimensions=m.dimensions,
-                max_input_tokens=m.max_input_tokens,
-                ready=m.ready,
-            )
-            for m in models
-        ]
+def _model_info(m: ModelInfo) -> models_pb2.ModelInfo:
+    info = models_pb2.ModelInfo(
+        id=m.id,
+        task=_TASK[m.task],
+        dimensions=m.dimensions,
+        max_input_tokens=m.max_input_tokens,
+        ready=m.ready,
+        version=m.version,
+        targets=[models_pb2.AliasTarget(model=model, weight=weight) for model, weight in m.targets],
+        replacement=m.replacement,
     )
+    if m.deprecated is not None:
+        info.deprecated.FromDatetime(m.deprecated)
+    if m.sunset is not None:
+        info.sunset.FromDatetime(m.sunset)
+    return info
+
+
+def models_response(models: list[ModelInfo]) -> models_pb2.ListModelsResponse:
+    return models_pb2.ListModelsResponse(models=[_model_info(m) for m in models])
 
 
 # --- usage ---------------------------------------------------------------------------------------------

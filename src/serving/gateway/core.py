@@ -41,6 +41,7 @@ from serving.errors import (
 )
 from serving.gateway import validation
 from serving.gateway.call import Call
+from serving.gateway.catalog import Catalog
 from serving.gateway.router import ModelRoute, Router
 from serving.gateway.stream import EventStream, StreamPace, nothing_to_settle, replay_events
 from serving.idempotency.codec import Outcome, expect_outcome, fingerprint
@@ -48,6 +49,7 @@ from serving.idempotency.keys import IdempotencyKeys
 from serving.identity.scopes import USAGE_READ, format_scopes, scope_for
 from serving.metering.record import UsageRecord
 from serving.metering.usage import UsageReport, UsageRow
+from serving.models.lifecycle import Lifecycle
 from serving.models.sequence import GenerateItem, GenerateOutput
 from serving.observability import access_log
 from serving.observability.metrics import Metrics
@@ -76,6 +78,8 @@ class ResponseMeta:
     request_id: str = ""
     rate_limits: RateLimits | None = None
     replayed: bool = False  # the outcome of an earlier request with the same idempotency key
+    model: str = ""  # the concrete model serving the call (an alias resolved), once known
+    lifecycle: Lifecycle | None = None  # the deprecation / sunset the response announces
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,11 @@ class Core:
         usage: UsageSource,
         keys: IdempotencyKeys,
         tracing: Tracing | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         self._tracing = tracing or Tracing.disabled()
+        # Model names → models (aliases, versions, sunsets); by default the router's models and no alias.
+        self._catalog = catalog or Catalog([route.spec for route in router.routes.values()])
         self._auth = authenticator
         self._router = router
         self._limits = limits
@@ -131,7 +138,7 @@ class Core:
             await self._admit(call, ctx, tokens)
             vectors = await self._bounded(route.infer(list(req.texts), call.span), ctx)
             call.usage = Usage(input_tokens=tokens)
-            call.result = EmbedResult(req.model, vectors, call.usage, call.request_id)
+            call.result = EmbedResult(call.model, vectors, call.usage, call.request_id)
             return call.result
         except BaseException as exc:
             call.fail(exc)
@@ -150,7 +157,7 @@ class Core:
             await self._admit(call, ctx, tokens)
             results = await self._bounded(route.infer([(text, labels) for text in req.texts], call.span), ctx)
             call.usage = Usage(input_tokens=tokens)
-            call.result = ClassifyResult(req.model, results, call.usage, call.request_id)
+            call.result = ClassifyResult(call.model, results, call.usage, call.request_id)
             return call.result
         except BaseException as exc:
             call.fail(exc)
@@ -242,19 +249,11 @@ class Core:
 
     async def list_models(self, ctx: CallContext) -> list[ModelInfo]:
         caller = await self.authenticate(ctx)
-        return [m for m in self.models() if caller.plan.allows_model(m.id)]
+        return [m for m in self.models() if self._catalog.allows(caller.plan, m.id)]
 
     def models(self) -> list[ModelInfo]:
-        return [
-            ModelInfo(
-                id=route.spec.id,
-                task=route.spec.task,
-                dimensions=route.dimensions,
-                max_input_tokens=route.spec.max_input_tokens,
-                ready=True,
-            )
-            for route in self._router.routes.values()
-        ]
+        """Every model (versions included) and alias, with deprecation and sunset."""
+        return self._catalog.describe({model: route.dimensions for model, route in self._router.routes.items()})
 
     async def usage(self, ctx: CallContext, start_day: str, end_day: str) -> UsageReport:
         """The caller's own usage by day, model and operation; the key alone decides whose."""
@@ -309,9 +308,15 @@ class Core:
         with self._tracing.stage("prepare", call.span):
             call.caller = await self.authenticate(ctx, scope_for(task))
             call.request_id = ctx.meta.request_id = validation.request_id(request_id)
-            route = self._router.route(call.model, task)
-            if not call.caller.plan.allows_model(call.model):
-                raise PermissionDenied(f"your plan does not include model {call.model!r}", param="model")
+            # An alias draws its version from the request id: a retry with the same key meets the same version.
+            resolved = self._catalog.resolve(call.model, call.request_id, task)
+            route = self._router.route(resolved.model, task)
+            call.model = ctx.meta.model = resolved.model  # what responses, the ledger and the metrics name
+            if not self._catalog.allows(call.caller.plan, resolved.name):
+                raise PermissionDenied(f"your plan does not include model {resolved.name!r}", param="model")
+            announced = resolved.announced
+            ctx.meta.lifecycle = announced if announced.announced else None  # on the refusal below too
+            self._catalog.refuse_retired(resolved)
             call.client_request_id = bool(request_id)
             return route
 

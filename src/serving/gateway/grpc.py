@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 
 from serving.errors import (
     InvalidInput,
+    ModelRetired,
     PayloadTooLarge,
     QuotaExceeded,
     ServingError,
@@ -67,7 +68,10 @@ def rich_status(exc: BaseException, meta: ResponseMeta | None = None) -> grpc.St
     code = grpc.StatusCode[kind.grpc_code]
     message = public_message(exc)
     status = status_pb2.Status(code=code.value[0], message=message)
-    details: list[Message] = [error_details_pb2.ErrorInfo(reason=kind.code.upper(), domain="serving.v1")]
+    info = error_details_pb2.ErrorInfo(reason=kind.code.upper(), domain="serving.v1")
+    if isinstance(exc, ModelRetired) and exc.replacement:
+        info.metadata["replacement"] = exc.replacement  # what to call instead of the retired model
+    details: list[Message] = [info]
     if isinstance(exc, ServingError):
         if exc.param and kind.grpc_code == "INVALID_ARGUMENT":
             violation = error_details_pb2.BadRequest.FieldViolation(field=exc.param, description=message)

@@ -1,10 +1,14 @@
-"""Response headers / metadata both front doors send: the request id and OpenAI-style rate-limit fields."""
+"""Response headers / metadata both front doors send: the request id, OpenAI-style rate-limit fields, and a
+deprecated model's ``Deprecation`` (RFC 9745), ``Sunset`` (RFC 8594) and successor ``Link`` (RFC 5829)."""
 
 from __future__ import annotations
 
+import email.utils
 import math
+import urllib.parse
 
 from serving.gateway.core import ResponseMeta
+from serving.models.lifecycle import Lifecycle
 
 
 def _seconds(value: float) -> str:
@@ -31,6 +35,22 @@ def response_pairs(meta: ResponseMeta) -> list[tuple[str, str]]:
                 ("x-ratelimit-remaining-tokens", str(limits.remaining_tokens)),
                 ("x-ratelimit-reset-tokens", _seconds(limits.reset_tokens_s)),
             ]
+    if meta.lifecycle is not None:
+        pairs += lifecycle_pairs(meta.lifecycle)
+    return pairs
+
+
+def lifecycle_pairs(lifecycle: Lifecycle) -> list[tuple[str, str]]:
+    """``deprecation: @<Unix seconds>`` (an RFC 9651 date), ``sunset: <IMF-fixdate>``, and a ``link`` to the
+    replacement's model card (``GET /v1/models/{id}`` on the HTTP port) as its successor version."""
+    pairs: list[tuple[str, str]] = []
+    if lifecycle.deprecated is not None:
+        pairs.append(("deprecation", f"@{int(lifecycle.deprecated.timestamp())}"))
+    if lifecycle.sunset is not None:
+        pairs.append(("sunset", email.utils.format_datetime(lifecycle.sunset, usegmt=True)))
+    if lifecycle.replacement:
+        path = urllib.parse.quote(lifecycle.replacement, safe="/@:")
+        pairs.append(("link", f'</v1/models/{path}>; rel="successor-version"'))
     return pairs
 
 

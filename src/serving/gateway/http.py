@@ -36,7 +36,9 @@ from serving.gateway.http_common import (
 )
 from serving.gateway.http_oauth import OAuthEndpoints, oauth_routes
 from serving.gateway.http_openai import openai_router
+from serving.gateway.http_webhooks import webhooks_router
 from serving.gateway.stream import EventStream
+from serving.webhooks.service import WebhookService
 
 
 def usage_body(result: GenerateResult) -> schemas.UsageBody:
@@ -83,12 +85,18 @@ async def _native_events(stream: EventStream) -> AsyncIterator[str]:
         yield f"event: error\ndata: {bytes(error_response(exc).body).decode()}\n\n"
 
 
-def build_http_app(core: Core, config: HttpConfig, ready: ReadyCheck, oauth: OAuthEndpoints | None = None) -> FastAPI:
+def build_http_app(
+    core: Core,
+    config: HttpConfig,
+    ready: ReadyCheck,
+    oauth: OAuthEndpoints | None = None,
+    webhooks: WebhookService | None = None,
+) -> FastAPI:
     app = FastAPI(
         title="Partner model API",
         version="1.0.0",
         description="Embeddings, classification and generation. Authenticate with `Authorization: Bearer <key>`.",
-        responses={code: {"model": schemas.ErrorBody} for code in (400, 401, 403, 404, 413, 429, 503, 504)},
+        responses={code: {"model": schemas.ErrorBody} for code in (400, 401, 403, 404, 410, 413, 429, 503, 504)},
     )
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     app.add_middleware(ResponseHeaders)
@@ -139,7 +147,8 @@ def build_http_app(core: Core, config: HttpConfig, ready: ReadyCheck, oauth: OAu
         stream = await core.generate_stream(call_context(request, config), _generate_request(body, request))
         return sse(_native_events(stream), stream)
 
-    @app.get("/v1/models", response_model=schemas.ModelList, tags=["models"])
+    # Unset lifecycle fields are left out: a plain model's card stays what it was before aliases and versions.
+    @app.get("/v1/models", response_model=schemas.ModelList, response_model_exclude_none=True, tags=["models"])
     async def models(request: Request) -> schemas.ModelList:
         return model_list(await core.list_models(call_context(request, config)))
 
@@ -161,4 +170,6 @@ def build_http_app(core: Core, config: HttpConfig, ready: ReadyCheck, oauth: OAu
         )
 
     app.include_router(openai_router(core, config))
+    if webhooks is not None:
+        app.include_router(webhooks_router(core, config, webhooks))
     return app

@@ -220,7 +220,8 @@ async def generation(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = await core.generate_stream(ctx, req)
-        return sse(_events(stream, shape, body.model, ctx.meta.request_id, include_usage), stream)
+        model = ctx.meta.model or body.model  # the version serving the call (an alias resolved)
+        return sse(_events(stream, shape, model, ctx.meta.request_id, include_usage), stream)
     result = await core.generate(ctx, req)
     return JSONResponse(
         {
@@ -260,7 +261,7 @@ def openai_router(core: Core, config: HttpConfig) -> APIRouter:
         texts = embedding_texts(body, openai_tokens)
         if body.dimensions is not None:
             native = next((m.dimensions for m in core.models() if m.id == body.model and m.task is Task.EMBED), None)
-            if native is not None and body.dimensions != native:
+            if native and body.dimensions != native:  # 0: an alias over models of different widths
                 await core.authenticate(ctx, EMBED)  # the credential first, as for any other invalid input
                 raise UnsupportedValue(
                     f"{body.model} returns {native} dimensions and cannot shorten them; send dimensions={native}"
@@ -299,7 +300,7 @@ def openai_router(core: Core, config: HttpConfig) -> APIRouter:
         req = _generate_request(body, request, body.max_tokens, prompt=prompt)
         return await generation(core, ctx, req, body, TEXT)
 
-    @router.get("/v1/models/{model_id:path}", response_model=schemas.ModelCard)
+    @router.get("/v1/models/{model_id:path}", response_model=schemas.ModelCard, response_model_exclude_none=True)
     async def model(model_id: str, request: Request) -> schemas.ModelCard:
         """One model, if the caller's plan includes it (else 404, as for a model that does not exist)."""
         for info in await core.list_models(call_context(request, config)):

@@ -3,6 +3,7 @@ is generated from these."""
 
 from __future__ import annotations
 
+import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -106,7 +107,19 @@ class UsageReply(BaseModel):
     rows: list[UsageRow]  # the ledger's own row type (a dataclass pydantic validates as is)
 
 
+class AliasTargetBody(BaseModel):
+    model: str
+    weight: int
+
+
+def _rfc3339(moment: datetime.datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
 class ModelCard(BaseModel):
+    """A model or an alias. The lifecycle fields are left out (not null) when unset: a plain model's card is
+    what it always was."""
+
     id: str
     object: Literal["model"] = "model"
     created: int = 0
@@ -115,6 +128,11 @@ class ModelCard(BaseModel):
     dimensions: int
     max_input_tokens: int
     ready: bool
+    version: str | None = None  # "2026-11" of "minilm-l6@2026-11"
+    targets: list[AliasTargetBody] | None = None  # an alias: the models it routes to, by weight
+    deprecated: str | None = None  # RFC 3339, UTC
+    sunset: str | None = None  # RFC 3339, UTC; from then on calls get 410 model_sunset
+    replacement: str | None = None
 
     @classmethod
     def of(cls, model: ModelInfo) -> ModelCard:
@@ -124,6 +142,11 @@ class ModelCard(BaseModel):
             dimensions=model.dimensions,
             max_input_tokens=model.max_input_tokens,
             ready=model.ready,
+            version=model.version or None,
+            targets=[AliasTargetBody(model=m, weight=w) for m, w in model.targets] or None,
+            deprecated=_rfc3339(model.deprecated),
+            sunset=_rfc3339(model.sunset),
+            replacement=model.replacement or None,
         )
 
 

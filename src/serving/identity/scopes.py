@@ -8,8 +8,9 @@ from serving.domain import Task
 EMBED = "embed"
 CLASSIFY = "classify"
 GENERATE = "generate"
-USAGE_READ = "usage:read"
-ALL_SCOPES: tuple[str, ...] = (EMBED, CLASSIFY, GENERATE, USAGE_READ)
+USAGE_READ = "usage:read"  # also lists webhook endpoints and their deliveries
+WEBHOOKS_WRITE = "webhooks:write"  # registers and deletes usage-alert webhook endpoints, replays deliveries
+ALL_SCOPES: tuple[str, ...] = (EMBED, CLASSIFY, GENERATE, USAGE_READ, WEBHOOKS_WRITE)
 
 _TASK_SCOPE = {Task.EMBED: EMBED, Task.CLASSIFY: CLASSIFY, Task.GENERATE: GENERATE}
 

@@ -32,3 +32,14 @@ def usage_by_day(db: Database, partner_id: str, start_day: str, end_day: str) ->
         (partner_id, start_day, end_day),
     )
     return [UsageRow(r[0], r[1], r[2], int(r[3]), int(r[4]), int(r[5])) for r in rows]
+
+
+def tokens_between(db: Database, partner_id: str, start_day: str, end_day: str) -> int:
+    """Input plus output tokens the partner used from ``start_day`` to ``end_day`` (inclusive, UTC): what the plan's
+    monthly budget counts, read from the ledger (the usage alerts compare it with the budget)."""
+    row = db.one(
+        "SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM usage_records"
+        " WHERE partner_id = ? AND day >= ? AND day <= ?",
+        (partner_id, start_day, end_day),
+    )
+    return 0 if row is None else int(row[0])

@@ -1,4 +1,5 @@
-"""The model registry file (TOML): what each model is, where its files are, how it is batched and scaled."""
+"""The model registry file (TOML): what each model is, where its files are, how it is batched and scaled; its
+aliases (``aliases.py``) and the deprecation and sunset of both (``lifecycle.py``)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from serving.domain import Task
+from serving.models.aliases import AliasSpec, parse_aliases
+from serving.models.lifecycle import Lifecycle, check_id, check_replacements, parse_lifecycle
+from serving.models.lifecycle import RegistryError as RegistryError
 
 DEFAULT_REGISTRY = Path(__file__).with_name("default.toml")
-
-
-class RegistryError(ValueError):
-    """The registry file is malformed; raised at startup."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,15 @@ class ModelSpec:
     batching: ModelBatching = field(default_factory=ModelBatching)
     replicas: Replicas = field(default_factory=Replicas)
     admission: ModelAdmission = field(default_factory=ModelAdmission)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)  # deprecation, sunset, replacement
+
+
+@dataclass(frozen=True)
+class ModelRegistry:
+    """The whole registry file: the models (what ``load_registry`` returns) and the aliases over them."""
+
+    models: list[ModelSpec]
+    aliases: list[AliasSpec]
 
 
 def _build(cls: type[Any], raw: Any, where: str) -> Any:
@@ -82,7 +91,20 @@ def _build(cls: type[Any], raw: Any, where: str) -> Any:
         raise RegistryError(f"{where}: {exc}") from exc
 
 
+def parse_model_registry(data: dict[str, Any]) -> ModelRegistry:
+    specs = _parse_models(data)
+    aliases = parse_aliases(data.get("aliases"), specs)
+    lifecycles = {spec.id: spec.lifecycle for spec in specs} | {alias.id: alias.lifecycle for alias in aliases}
+    check_replacements(lifecycles)
+    return ModelRegistry(specs, aliases)
+
+
 def parse_registry(data: dict[str, Any]) -> list[ModelSpec]:
+    """The models of a registry (its aliases are checked too); ``parse_model_registry`` for both."""
+    return parse_model_registry(data).models
+
+
+def _parse_models(data: dict[str, Any]) -> list[ModelSpec]:
     specs: list[ModelSpec] = []
     for i, raw in enumerate(data.get("models", [])):
         where = f"models[{i}]"
@@ -91,6 +113,7 @@ def parse_registry(data: dict[str, Any]) -> list[ModelSpec]:
             model_id = str(raw["id"])
         except (KeyError, ValueError) as exc:
             raise RegistryError(f"{where} needs an id and a task (embed/classify/generate): {exc}") from exc
+        check_id(model_id, where)
         source = _build(Source, raw.get("source"), f"{where}.source")
         if not (source.package or source.dir or source.path):
             raise RegistryError(f"{where}.source needs package, dir or path")
@@ -108,6 +131,7 @@ def parse_registry(data: dict[str, Any]) -> list[ModelSpec]:
                 batching=_build(ModelBatching, raw.get("batching"), f"{where}.batching"),
                 replicas=_build(Replicas, raw.get("replicas"), f"{where}.replicas"),
                 admission=_build(ModelAdmission, raw.get("admission"), f"{where}.admission"),
+                lifecycle=parse_lifecycle(raw, where),
             )
         )
     ids = [s.id for s in specs]
@@ -116,10 +140,16 @@ def parse_registry(data: dict[str, Any]) -> list[ModelSpec]:
     return specs
 
 
-def load_registry(path: Path | None = None) -> list[ModelSpec]:
+def load_model_registry(path: Path | None = None) -> ModelRegistry:
+    """The models and aliases of the registry file at ``path`` (None: the built-in one)."""
     target = path or DEFAULT_REGISTRY
     try:
         data = tomllib.loads(target.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise RegistryError(f"cannot read model registry {target}: {exc}") from exc
-    return parse_registry(data)
+    return parse_model_registry(data)
+
+
+def load_registry(path: Path | None = None) -> list[ModelSpec]:
+    """The models of the registry file (its aliases are checked too); ``load_model_registry`` for both."""
+    return load_model_registry(path).models

@@ -116,6 +116,64 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX IF NOT EXISTS audit_log_target ON audit_log(target_kind, target_id, at)",
         ],
     ),
+    (
+        5,
+        "usage alert webhooks: endpoints, events, deliveries and their attempts",
+        [
+            # The signing secret itself is stored (signing needs it); blanked when the endpoint is deleted.
+            """CREATE TABLE IF NOT EXISTS webhook_endpoints (
+                id TEXT PRIMARY KEY,
+                partner_id TEXT NOT NULL REFERENCES partners(id),
+                url TEXT NOT NULL,
+                thresholds TEXT NOT NULL,
+                secret TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                deleted_at DOUBLE PRECISION
+            )""",
+            "CREATE INDEX IF NOT EXISTS webhook_endpoints_partner ON webhook_endpoints(partner_id)",
+            # One event per partner, metric, period and threshold, whichever replica sees the crossing first.
+            """CREATE TABLE IF NOT EXISTS webhook_events (
+                id TEXT PRIMARY KEY,
+                partner_id TEXT NOT NULL,
+                type TEXT NOT NULL,
+                metric TEXT NOT NULL,
+                period TEXT NOT NULL,
+                threshold BIGINT NOT NULL,
+                payload TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                UNIQUE (partner_id, metric, period, threshold)
+            )""",
+            # One delivery per event and endpoint; lease_owner/lease_until: the replica sending it now.
+            """CREATE TABLE IF NOT EXISTS webhook_deliveries (
+                id TEXT PRIMARY KEY,
+                event_id TEXT NOT NULL REFERENCES webhook_events(id),
+                endpoint_id TEXT NOT NULL REFERENCES webhook_endpoints(id),
+                partner_id TEXT NOT NULL,
+                status TEXT NOT NULL,
+                attempts BIGINT NOT NULL,
+                series_start BIGINT NOT NULL,
+                next_attempt_at DOUBLE PRECISION NOT NULL,
+                lease_owner TEXT,
+                lease_until DOUBLE PRECISION,
+                last_status_code BIGINT,
+                last_error TEXT,
+                created_at DOUBLE PRECISION NOT NULL,
+                delivered_at DOUBLE PRECISION,
+                UNIQUE (event_id, endpoint_id)
+            )""",
+            "CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries(status, next_attempt_at)",
+            "CREATE INDEX IF NOT EXISTS webhook_deliveries_endpoint ON webhook_deliveries(endpoint_id, created_at)",
+            """CREATE TABLE IF NOT EXISTS webhook_attempts (
+                delivery_id TEXT NOT NULL REFERENCES webhook_deliveries(id),
+                number BIGINT NOT NULL,
+                started_at DOUBLE PRECISION NOT NULL,
+                duration_ms DOUBLE PRECISION NOT NULL,
+                status_code BIGINT,
+                error TEXT,
+                PRIMARY KEY (delivery_id, number)
+            )""",
+        ],
+    ),
 ]
 
 

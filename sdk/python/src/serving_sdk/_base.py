@@ -3,6 +3,7 @@ per-call bookkeeping (idempotency key, deadline). The clients add only the trans
 
 from __future__ import annotations
 
+import datetime
 import os
 import ssl
 import time
@@ -262,8 +263,30 @@ def stream_event(msg: inference_pb2.GenerateStreamResponse) -> StreamEvent:
     return generate_result(msg.final)
 
 
+def _when(m: models_pb2.ModelInfo, name: str) -> datetime.datetime | None:
+    if not m.HasField(name):
+        return None
+    stamp: Any = getattr(m, name)
+    moment: datetime.datetime = stamp.ToDatetime(tzinfo=datetime.UTC)
+    return moment
+
+
 def models_result(msg: models_pb2.ListModelsResponse) -> list[ModelInfo]:
-    return [ModelInfo(m.id, _TASK[m.task], m.dimensions, m.max_input_tokens, m.ready) for m in msg.models]
+    return [
+        ModelInfo(
+            m.id,
+            _TASK[m.task],
+            m.dimensions,
+            m.max_input_tokens,
+            m.ready,
+            version=m.version,
+            targets=tuple((t.model, t.weight) for t in m.targets),
+            deprecated=_when(m, "deprecated"),
+            sunset=_when(m, "sunset"),
+            replacement=m.replacement,
+        )
+        for m in msg.models
+    ]
 
 
 def usage_result(msg: usage_pb2.GetUsageResponse) -> UsageReport:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import enum
 from dataclasses import dataclass
 
@@ -75,11 +76,18 @@ StreamEvent = TextDelta | GenerateResult  # a stream yields TextDelta pieces, th
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """A model (``minilm-l6``, or a version ``minilm-l6@2026-11``) or an alias (``targets`` set)."""
+
     id: str
     task: Task
     dimensions: int  # embedding width for embed models, 0 otherwise
     max_input_tokens: int
-    ready: bool
+    ready: bool  # False once past its sunset
+    version: str = ""  # "2026-11" of "minilm-l6@2026-11"
+    targets: tuple[tuple[str, int], ...] = ()  # an alias: (model id, weight) of each model it routes to
+    deprecated: datetime.datetime | None = None  # UTC; calls also carry `deprecation` metadata
+    sunset: datetime.datetime | None = None  # UTC; from then on calls fail with FAILED_PRECONDITION
+    replacement: str = ""  # what to call instead
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ A price book is TOML::
     monthly_allowance = "5.00"       # credits taken off each monthly invoice
     minimum_commitment = "0"         # a monthly invoice is never below this
 
-    [[price]]                        # per plan and model ("*" matches any); the most specific match wins,
-    plan = "*"                       # then the latest effective_from at or before the usage time
-    model = "minilm-l6"
+    [[price]]                        # per plan and model ("*" matches any; a version "minilm-l6@2026-11" without
+    plan = "*"                       # a price of its own matches its base "minilm-l6"); the most specific match
+    model = "minilm-l6"              # wins, then the latest effective_from at or before the usage time
     effective_from = 2026-01-01T00:00:00Z
     input_per_1k = "0.0200"          # per 1,000 input tokens
     output_per_1k = "0"              # per 1,000 output tokens
@@ -123,8 +123,12 @@ class PriceBook:
         return cls.parse(path.read_text())
 
     def price(self, plan: str, model: str, at: float) -> Price:
-        """The price for usage at ``at``: the most specific (plan, model) match, then the latest effective."""
-        for want_plan, want_model in ((plan, model), (plan, "*"), ("*", model), ("*", "*")):
+        """The price for usage at ``at``: the most specific (plan, model) match, then the latest effective. A model
+        version (``minilm-l6@2026-11``) without a price of its own is priced as its base model (``minilm-l6``)."""
+        base = model.partition("@")[0]
+        models = (model, base) if base != model else (model,)
+        wanted = [(want_plan, want_model) for want_plan in (plan, "*") for want_model in (*models, "*")]
+        for want_plan, want_model in wanted:
             effective = [
                 p for p in self.prices if p.plan == want_plan and p.model == want_model and p.effective_from <= at
             ]

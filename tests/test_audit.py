@@ -6,7 +6,6 @@ row that cannot be written undoes its change; the metric counts the API's change
 from __future__ import annotations
 
 import re
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -14,11 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import pytest_asyncio
 from admin_support import ADMIN_TOKEN, START, AdminWorld, CliResult, admin_world
-from conftest import POSTGRES_URL
+from conftest import fresh_postgres_database
 
 from serving.admin.audit import ACTIONS
 from serving.admin.operators import Role
@@ -309,14 +307,8 @@ def audit_cli(world: AdminWorld, *argv: str) -> list[Record]:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh database of this test's own on the shared server."""
-    name = f"audit_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with fresh_postgres_database("audit") as url:
+        yield url
 
 
 @pytest_asyncio.fixture(params=["sqlite", "postgres"])

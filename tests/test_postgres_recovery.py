@@ -23,12 +23,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 import psycopg
 import pytest
-from conftest import POSTGRES_URL, running_gateway
+from conftest import POSTGRES_URL, fresh_postgres_database, running_gateway
 
 from billing.store import BillingStore
 from serving.errors import Unavailable, describe
@@ -48,22 +48,11 @@ TERMINATE_ALL = (
 BOUND = 30.0  # an upper bound on waits that end on an event; never reached when things work
 
 
-def _database_url(name: str) -> str:
-    parts = urlsplit(POSTGRES_URL)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh database of this test's own on the shared server."""
-    name = f"recovery_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield _database_url(name)
-    finally:
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with fresh_postgres_database("recovery") as url:
+        yield url
 
 
 def terminate_backends(url: str) -> int:

@@ -14,9 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from conftest import POSTGRES_URL
+from conftest import fresh_postgres_database
 from webhook_support import receiver
 
 from serving.errors import InvalidInput, NotFound, RequestInProgress
@@ -176,14 +175,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield str(tmp_path / "serving.db")
         return
-    name = f"webhooks_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    with fresh_postgres_database("webhooks") as url:
+        yield url
 
 
 @pytest.fixture

@@ -54,6 +54,8 @@ ROUTES = [
     Route("GET", "/plans", VIEWER, 200),
     Route("PUT", "/plans/{name}", OPERATOR, 200, lambda: {"requests_per_minute": 5}),
     Route("GET", "/usage", VIEWER, 200, params={"start_day": "2026-01-01", "end_day": "2026-01-31"}),
+    Route("GET", "/partners/{partner_id}/credits", VIEWER, 200),
+    Route("POST", "/partners/{partner_id}/credits", OPERATOR, 201, lambda: {"kind": "promotional", "amount": "1.50"}),
     Route("POST", "/partners/{partner_id}/oauth-clients", OPERATOR, 201, lambda: {"name": "c", "scopes": ["embed"]}),
     Route("GET", "/oauth-clients", VIEWER, 200),
     Route("GET", "/oauth-clients/{client_id}", VIEWER, 200),

@@ -123,6 +123,7 @@ async def _start_billing(
         "BILLING_ADMIN_TOKEN": settings.admin_token or "",
         "BILLING_LEDGER_DATABASE_URL": settings.ledger_db_url,
         "BILLING_PARTNERS_DATABASE_URL": settings.partners_db_url,
+        "BILLING_PRICE_BOOK": str(settings.price_book or ""),  # one price book: prepaid holds and invoices agree
     }
     # Its own session: Ctrl-C must not reach billing before the gateway drained (its exit scrape reads the final
     # counters); ``serving run`` terminates it after the drain.

@@ -19,10 +19,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from serving.admin.audit import AuditQuery
+from serving.admin.audit import AuditQuery, parse_instant
 from serving.admin.operators import Role
 from serving.admin.service import Actor, Admin, domain_errors, local_owner
-from serving.admin.views import client_view, operator_view, partner_view
+from serving.admin.views import client_view, credit_view, operator_view, partner_view
 from serving.errors import NotFound, ServingError
 from serving.identity.scopes import parse_scopes
 from serving.partners.store import PartnerStore
@@ -106,8 +106,18 @@ def _plans(admin: Admin, actor: Actor, args: argparse.Namespace) -> None:
         allowed_models=tuple(m for m in args.models.split(",") if m),
         weight=args.weight,
         ip_allowlist=tuple(c for c in args.ip_allowlist.split(",") if c),
+        prepaid=args.prepaid,
     )
     _print(admin.put_plan(actor, plan).as_dict())
+
+
+def _credits(admin: Admin, actor: Actor, args: argparse.Namespace) -> None:
+    if args.credits_command == "list":
+        _print([credit_view(g) for g in admin.credit_grants(actor, args.partner)])
+        return
+    expires = None if args.expires is None else parse_instant(args.expires, "--expires")
+    grant = admin.grant_credit(actor, args.partner, args.kind, args.amount, args.priority, expires, args.note)
+    _print(credit_view(grant))
 
 
 def _clients(admin: Admin, actor: Actor, args: argparse.Namespace) -> None:
@@ -217,6 +227,17 @@ def add_admin_commands(
     put.add_argument("--models", default="", help="comma-separated allowed models (empty: all)")
     put.add_argument("--weight", type=float, default=1.0, help="fair-queuing weight")
     put.add_argument("--ip-allowlist", dest="ip_allowlist", default="", help="comma-separated CIDRs")
+    put.add_argument("--prepaid", action="store_true", help="hold each request's maximum cost from the credit balance")
+
+    credit = _group(commands, "credits", "credit grants (purchased or promotional money)", "credits_command")
+    give = leaf(credit, "grant", "grant credit to a partner", _credits)
+    give.add_argument("--partner", required=True, help="partner id or name")
+    give.add_argument("--amount", required=True, help='decimal, in the price book currency, e.g. "25.00"')
+    give.add_argument("--kind", required=True, choices=["purchased", "promotional"])
+    give.add_argument("--priority", type=int, default=100, help="lower is drawn first (default 100)")
+    give.add_argument("--expires", help="ISO-8601 or epoch seconds (default: never)")
+    give.add_argument("--note", default="")
+    leaf(credit, "list", "a partner's grants, in draw order", _credits).add_argument("--partner", required=True)
 
     clients = _group(commands, "oauth-clients", "OAuth clients (client credentials)", "clients_command")
     client = leaf(clients, "create", "create a client; prints its secret, the only time it is shown", _clients)

@@ -95,6 +95,15 @@ class QuotaExceeded(ServingError):
     rate_limits: object | None = None  # the quota state to report in headers (a quota.limiter.RateLimits)
 
 
+class InsufficientCredit(QuotaExceeded):
+    """A prepaid partner's credit balance cannot cover a request's maximum cost (HTTP 402); ``balance`` and
+    ``required`` are decimal strings in ``currency``."""
+
+    def __init__(self, message: str, *, balance: str, required: str, currency: str) -> None:
+        super().__init__(message, param="balance")
+        self.balance, self.required, self.currency = balance, required, currency
+
+
 class Overloaded(ServingError):
     pass
 
@@ -141,6 +150,7 @@ ERROR_TABLE: dict[type[ServingError], ErrorKind] = {
     IdempotencyKeyReused: ErrorKind("FAILED_PRECONDITION", 422, "invalid_request_error", "idempotency_key_reused"),
     RequestInProgress: ErrorKind("ABORTED", 409, "invalid_request_error", "request_in_progress"),
     QuotaExceeded: ErrorKind("RESOURCE_EXHAUSTED", 429, "rate_limit_error", "quota_exceeded", "rate_limit_exceeded"),
+    InsufficientCredit: ErrorKind("RESOURCE_EXHAUSTED", 402, "insufficient_quota", "insufficient_quota"),
     Overloaded: ErrorKind("UNAVAILABLE", 503, "overloaded_error", "overloaded"),
     Unavailable: ErrorKind("UNAVAILABLE", 503, "server_error", "unavailable"),
     DeadlineExceeded: ErrorKind("DEADLINE_EXCEEDED", 504, "timeout_error", "deadline_exceeded"),
@@ -158,8 +168,9 @@ def describe(error: BaseException) -> ErrorKind:
     return INTERNAL
 
 
-# Quota limits that waiting a minute does not lift: the monthly budget, and a request larger than a minute's tokens.
-NOT_RETRYABLE_QUOTA = frozenset({"monthly_tokens", "tokens_request"})
+# Quota limits that waiting a minute does not lift: the monthly budget, a request larger than a minute's tokens,
+# and a prepaid balance too small for the request.
+NOT_RETRYABLE_QUOTA = frozenset({"monthly_tokens", "tokens_request", "balance"})
 
 
 def openai_type_code(error: BaseException) -> tuple[str, str]:

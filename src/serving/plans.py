@@ -22,6 +22,9 @@ class Plan:
     allowed_models: tuple[str, ...] = ()  # empty: every model
     weight: float = 1.0  # share of a saturated model under fair queuing
     ip_allowlist: tuple[str, ...] = ()  # CIDRs; empty: any address
+    # Prepaid: every request reserves its maximum cost from the partner's credit balance at admission and is
+    # refused (402) when the balance cannot cover it; postpaid (default): usage is invoiced, credits drawn then.
+    prepaid: bool = False
     _networks: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +63,7 @@ class Plan:
             "allowed_models": list(self.allowed_models),
             "weight": self.weight,
             "ip_allowlist": list(self.ip_allowlist),
+            "prepaid": self.prepaid,
         }
 
     def row(self) -> tuple[Any, ...]:
@@ -72,6 +76,7 @@ class Plan:
             json.dumps(list(self.allowed_models)),
             self.weight,
             json.dumps(list(self.ip_allowlist)),
+            int(self.prepaid),
         )
 
     @classmethod
@@ -85,6 +90,7 @@ class Plan:
             allowed_models=tuple(json.loads(row[5])),
             weight=float(row[6]),
             ip_allowlist=tuple(json.loads(row[7])),
+            prepaid=bool(row[8]),
         )
 
     def with_changes(self, **changes: Any) -> Plan:

@@ -110,6 +110,9 @@ class Settings:
     ray_own_node: bool = False
     ray_num_cpus: int | None = None
     serve_app_name: str = "models"
+    # The price book (TOML) prepaid plans are charged from; None: the one shipped in serving.commerce. Billing must
+    # read the same file (`serving run` passes it as BILLING_PRICE_BOOK) so both agree to the cent.
+    price_book: Path | None = None
     demo_partner: str = "demo"
     auth_cache_ttl_s: float = 2.0
     # OAuth2 client credentials (docs/identity.md): access tokens live this long, and name this issuer and audience.

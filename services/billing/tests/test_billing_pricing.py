@@ -10,7 +10,7 @@ import pytest
 from billing.counters import UsageKey
 from billing.invoices import build_invoices
 from billing.periods import Period, PeriodError, previous_month
-from billing.pricing import PriceBook, PricingError
+from serving.commerce.pricebook import PriceBook, PricingError
 
 BOOK = """
 currency = "EUR"

@@ -39,8 +39,9 @@ ACTIONS: tuple[str, ...] = (
     "operator.disable",
     "operator.enable",
     "signing_key.rotate",
+    "credit.grant",
 )
-TARGET_KINDS: tuple[str, ...] = ("partner", "plan", "key", "oauth_client", "operator", "signing_key")
+TARGET_KINDS: tuple[str, ...] = ("partner", "plan", "key", "oauth_client", "operator", "signing_key", "credit")
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 

@@ -17,7 +17,18 @@ from typing import Any
 
 from serving.admin.audit import ACTIONS, AuditLog, AuditQuery, AuditRecord
 from serving.admin.operators import Operator, OperatorError, OperatorNotFound, OperatorStore, Role
-from serving.admin.views import View, client_view, key_view, operator_view, partner_view, plan_view, signing_key_view
+from serving.admin.views import (
+    View,
+    client_view,
+    credit_view,
+    key_view,
+    operator_view,
+    partner_view,
+    plan_view,
+    signing_key_view,
+)
+from serving.commerce.credits import CreditError, CreditGrant, CreditStore
+from serving.commerce.money import MoneyError, parse_amount
 from serving.errors import InvalidInput, NotFound, PermissionDenied, Unauthenticated
 from serving.identity.clients import ClientNotFound, OAuthClient
 from serving.identity.scopes import ScopeError
@@ -56,7 +67,7 @@ def domain_errors() -> Iterator[None]:
         yield
     except (PartnerNotFound, PlanNotFound, ClientNotFound, OperatorNotFound) as exc:
         raise NotFound(str(exc)) from exc
-    except (PlanError, ScopeError, OperatorError) as exc:
+    except (PlanError, ScopeError, OperatorError, CreditError, MoneyError) as exc:
         raise InvalidInput(str(exc)) from exc
 
 
@@ -86,6 +97,7 @@ class Admin:
         self.store = store
         self.operators = OperatorStore(store.db, clock)  # PartnerStore migrated the database
         self.audit_log = AuditLog(store.db, clock)
+        self.credits = CreditStore(store.db)
         self._admin_token = admin_token or None
         self._metrics = metrics
         if metrics is not None:  # every action's series exists from the start, at zero
@@ -269,6 +281,32 @@ class Admin:
             after = self.store.clients.set_disabled(client_id, disabled)
             change.record("oauth_client", client_id, client_view(before), client_view(after))
         return after
+
+    def credit_grants(self, actor: Actor, partner_ref: str) -> list[CreditGrant]:
+        """A partner's credit grants, in draw order."""
+        with self._read(actor):
+            return self.credits.grants(self.store.partner(partner_ref).id)
+
+    def grant_credit(
+        self,
+        actor: Actor,
+        partner_ref: str,
+        kind: str,
+        amount: str,
+        priority: int = 100,
+        expires_at: float | None = None,
+        note: str = "",
+    ) -> CreditGrant:
+        """Grants credit (purchased or promotional) to a partner; ``amount`` a decimal string, ``priority`` lower
+        drawn first. Invoices and prepaid admission see it within the gateways' cache TTL."""
+        with self._change(actor, Role.OPERATOR, "credit.grant") as change:
+            partner = self.store.partner(partner_ref)
+            value = parse_amount(amount)
+            grant = self.credits.grant(
+                partner.id, kind, value, priority=priority, expires_at=expires_at, note=note, granted_by=actor.name
+            )
+            change.record("credit", grant.id, None, credit_view(grant))
+        return grant
 
     # --- operators and signing keys (owner) -------------------------------------------------------------
 

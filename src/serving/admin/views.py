@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from serving.admin.operators import Operator
+from serving.commerce.credits import CreditGrant
 from serving.identity.clients import OAuthClient
 from serving.identity.signing import PublicKey
 from serving.partners.records import Partner
@@ -39,3 +40,7 @@ def operator_view(operator: Operator) -> View:
 def signing_key_view(key: PublicKey, signing: bool) -> View:
     """Public information only: the key id, when it was made, and whether it is the one signing new tokens."""
     return {"kid": key.kid, "created_at": key.created_at, "signing": signing}
+
+
+def credit_view(grant: CreditGrant) -> View:
+    return grant.public()

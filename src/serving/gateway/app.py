@@ -22,6 +22,11 @@ from typing import Any
 import uvicorn
 from transformers import AutoConfig
 
+from serving.commerce.credits import CreditStore
+from serving.commerce.prepaid import Prepaid
+from serving.commerce.pricebook import PriceBook
+from serving.commerce.redis_wallet import RedisWallet
+from serving.commerce.wallet import MemoryWallet, Wallet
 from serving.domain import Task
 from serving.gateway.catalog import Catalog
 from serving.gateway.core import Core
@@ -159,6 +164,13 @@ def build_idempotency(settings: Settings, redis: RedisBatch | None) -> Idempoten
     return RedisIdempotency(redis, ttl_s=ttl, max_bytes=cap, running_ttl_s=running, timeout_s=settings.redis_timeout_s)
 
 
+def build_prepaid(settings: Settings, store: PartnerStore, redis: RedisBatch | None) -> Prepaid:
+    """The price book and the credit grants; the wallet in-process for one replica, in Redis when replicas share."""
+    lease_s = settings.quota_lease_s or _longest_request_s(settings)
+    wallet: Wallet = MemoryWallet(lease_s) if redis is None else RedisWallet(redis, lease_s=lease_s)
+    return Prepaid(PriceBook.load(settings.price_book), CreditStore(store.db), wallet, settings.auth_cache_ttl_s)
+
+
 def build_quota(settings: Settings, metrics: Metrics, redis: RedisBatch | None) -> QuotaBackend:
     """In-process for one replica; Redis when replicas share quota."""
     lease_s = settings.quota_lease_s or _longest_request_s(settings)  # a lease outlives the longest request
@@ -221,7 +233,10 @@ class Gateway:
         self.webhooks = WebhookService(WebhookStore(store.db), usage, settings.webhooks, settings.gateway_id)
         self.idempotency = build_idempotency(settings, self.redis)
         self.keys = IdempotencyKeys(self.idempotency, self.ledger.seen, settings.idempotency_retry_ttl_s)
-        self.admission = Admission(self.quota, specs, settings.admission, on_shed=self._count_shed)
+        self.prepaid = build_prepaid(settings, store, self.redis)
+        self.admission = Admission(
+            self.quota, specs, settings.admission, on_shed=self._count_shed, prepaid=self.prepaid
+        )
         self.core = Core(
             self.authenticator,
             self.router,
@@ -330,6 +345,7 @@ class Gateway:
             self.readiness,
             self.oauth,
             self.webhooks,
+            self.prepaid,
         )
         tls = s.tls_cert_file is not None
         self._http = await self._serve_http(partner_app, s.http_host, s.http_port, reuse_port, tls)
@@ -398,6 +414,7 @@ class Gateway:
         self.authenticator.close()
         await self.router.close()
         await self.quota.close()
+        await self.prepaid.wallet.close()
         self.keys.close()
         await self.idempotency.close()
         if self.redis is not None:

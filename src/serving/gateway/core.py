@@ -193,7 +193,7 @@ class Core:
             params = validation.sampling(req, self._limits)
             prompt = validation.prompt_ids(req, route.codec, route.spec, self._limits)
             # Reserve the most it can cost; settling refunds what it did not use.
-            await self._admit(call, ctx, len(prompt) + params.max_tokens)
+            await self._admit(call, ctx, len(prompt), params.max_tokens)
         except BaseException as exc:
             call.fail(exc)
             await self._finish(call)
@@ -338,17 +338,17 @@ class Core:
         call.status = "replayed"
         return outcome
 
-    async def _admit(self, call: Call, ctx: CallContext, tokens: int) -> None:
+    async def _admit(self, call: Call, ctx: CallContext, input_tokens: int, max_output_tokens: int = 0) -> None:
         with self._tracing.stage("admit", call.span):
-            await self._admit_steps(call, ctx, tokens)
+            await self._admit_steps(call, ctx, input_tokens, max_output_tokens)
 
-    async def _admit_steps(self, call: Call, ctx: CallContext, tokens: int) -> None:
+    async def _admit_steps(self, call: Call, ctx: CallContext, input_tokens: int, max_output_tokens: int) -> None:
         """Reserves quota and waits for a model slot. Only a request that gets through both is admitted
         (metered); any other leaves no trace, so a retry can reuse its idempotency key."""
         caller = call.caller
         assert caller is not None
         try:
-            reservation = await self._admission.reserve(caller, tokens)
+            reservation = await self._admission.reserve(caller, call.model, input_tokens, max_output_tokens)
         except QuotaExceeded as exc:
             ctx.meta.rate_limits = exc.rate_limits  # type: ignore[assignment]
             raise
@@ -358,7 +358,7 @@ class Core:
         try:
             await self._admission.enter(call.model, caller)
         except BaseException:
-            self._admission.settle_soon(reservation, 0)  # not awaited: a cancel must not leak the reservation
+            self._admission.settle_soon(reservation, Usage())  # not awaited: a cancel must not leak the reservation
             raise
         call.entered = True
         call.reservation = reservation
@@ -389,7 +389,7 @@ class Core:
         if call.reservation is not None and call.refused_by_model():
             # The model turned it away before producing anything (at capacity, or its replica is gone): like a
             # request the gateway shed, it costs nothing, leaves no record, and its idempotency key is free again.
-            self._admission.settle_soon(call.reservation, 0)
+            self._admission.settle_soon(call.reservation, Usage())
             call.reservation = None
         if call.reservation is not None:
             assert call.caller is not None
@@ -409,7 +409,7 @@ class Core:
                     finished_at=finished_at,
                 )
             )
-            self._admission.settle_soon(call.reservation, call.usage.input_tokens + call.usage.output_tokens)
+            self._admission.settle_soon(call.reservation, call.usage)
         self._observe(call, finished_at - call.started)
         access_log.write(
             access,

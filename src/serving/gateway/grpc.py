@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from serving.errors import (
+    InsufficientCredit,
     InvalidInput,
     ModelRetired,
     PayloadTooLarge,
@@ -71,13 +72,18 @@ def rich_status(exc: BaseException, meta: ResponseMeta | None = None) -> grpc.St
     info = error_details_pb2.ErrorInfo(reason=kind.code.upper(), domain="serving.v1")
     if isinstance(exc, ModelRetired) and exc.replacement:
         info.metadata["replacement"] = exc.replacement  # what to call instead of the retired model
+    if isinstance(exc, InsufficientCredit):  # the balance, and what the request needed, as decimal strings
+        info.metadata.update(balance=exc.balance, required=exc.required, currency=exc.currency)
     details: list[Message] = [info]
     if isinstance(exc, ServingError):
         if exc.param and kind.grpc_code == "INVALID_ARGUMENT":
             violation = error_details_pb2.BadRequest.FieldViolation(field=exc.param, description=message)
             details.append(error_details_pb2.BadRequest(field_violations=[violation]))
         if isinstance(exc, QuotaExceeded):
-            violation = error_details_pb2.QuotaFailure.Violation(subject=exc.param or "", description=message)
+            subject = exc.param or ""
+            if isinstance(exc, InsufficientCredit):
+                subject = f"balance:{exc.balance} {exc.currency}"  # QuotaFailure names the balance
+            violation = error_details_pb2.QuotaFailure.Violation(subject=subject, description=message)
             details.append(error_details_pb2.QuotaFailure(violations=[violation]))
         if exc.retry_after_s is not None:
             delay = duration_pb2.Duration()

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
+from serving.commerce.prepaid import Prepaid
 from serving.domain import (
     ClassifyRequest,
     EmbedRequest,
@@ -38,6 +40,7 @@ from serving.gateway.http_oauth import OAuthEndpoints, oauth_routes
 from serving.gateway.http_openai import openai_router
 from serving.gateway.http_webhooks import webhooks_router
 from serving.gateway.stream import EventStream
+from serving.identity.scopes import USAGE_READ
 from serving.webhooks.service import WebhookService
 
 
@@ -91,12 +94,13 @@ def build_http_app(
     ready: ReadyCheck,
     oauth: OAuthEndpoints | None = None,
     webhooks: WebhookService | None = None,
+    credits: Prepaid | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="Partner model API",
         version="1.0.0",
         description="Embeddings, classification and generation. Authenticate with `Authorization: Bearer <key>`.",
-        responses={code: {"model": schemas.ErrorBody} for code in (400, 401, 403, 404, 410, 413, 429, 503, 504)},
+        responses={code: {"model": schemas.ErrorBody} for code in (400, 401, 402, 403, 404, 410, 413, 429, 503, 504)},
     )
     app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
     app.add_middleware(ResponseHeaders)
@@ -168,6 +172,17 @@ def build_http_app(
             end_day=report.end_day,
             rows=report.rows,
         )
+
+    if credits is not None:
+
+        @app.get("/v1/credits", tags=["usage"])
+        async def credit_balance(request: Request) -> dict[str, Any]:
+            """Your credit grants with what is left of each, and your balance (what active grants have left). On a
+            prepaid plan it is live: every request holds its maximum cost, then draws its actual cost."""
+            if request.query_params:
+                raise InvalidInput("this route takes no query parameters; credits are always the caller's own")
+            caller = await core.authenticate(call_context(request, config), USAGE_READ)
+            return await credits.statement(caller)
 
     app.include_router(openai_router(core, config))
     if webhooks is not None:

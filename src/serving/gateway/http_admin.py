@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 
-from serving.admin.audit import AuditQuery
+from serving.admin.audit import AuditQuery, parse_instant
 from serving.admin.operators import Role
 from serving.admin.service import Actor, Admin, allow
-from serving.admin.views import client_view, key_view, operator_view, partner_view
+from serving.admin.views import client_view, credit_view, key_view, operator_view, partner_view
 from serving.errors import InvalidInput
 from serving.identity.scopes import ScopeError, parse_scopes
 from serving.metering.usage import usage_by_day
@@ -58,6 +58,16 @@ class PlanBody(BaseModel):
     allowed_models: list[StrictStr] = []
     weight: float = 1.0
     ip_allowlist: list[StrictStr] = []
+    prepaid: StrictBool = False
+
+
+class CreditBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: StrictStr  # purchased | promotional
+    amount: StrictStr  # a decimal string: money is never a JSON number
+    priority: int = 100  # lower is drawn first
+    expires_at: StrictStr | float | None = None  # ISO-8601 or epoch seconds; None: never
+    note: StrictStr = ""
 
 
 class KeyBody(BaseModel):
@@ -180,6 +190,7 @@ def admin_router(
                 allowed_models=tuple(body.allowed_models),
                 weight=body.weight,
                 ip_allowlist=tuple(body.ip_allowlist),
+                prepaid=body.prepaid,
             )
         except PlanError as exc:
             raise InvalidInput(str(exc)) from exc
@@ -190,6 +201,18 @@ def admin_router(
         found = await run(admin.partner, actor, partner)
         rows = await run(usage_by_day, ledger_db, found.id, start_day, end_day)
         return [vars(row) for row in rows]
+
+    @router.get("/partners/{partner_id}/credits")
+    async def list_credits(partner_id: str, actor: Actor = viewer) -> list[dict[str, Any]]:
+        return [credit_view(g) for g in await run(admin.credit_grants, actor, partner_id)]
+
+    @router.post("/partners/{partner_id}/credits", status_code=201)
+    async def grant_credit(partner_id: str, body: CreditBody, actor: Actor = operator) -> dict[str, Any]:
+        expires = None if body.expires_at is None else parse_instant(str(body.expires_at), "expires_at")
+        grant = await run(
+            admin.grant_credit, actor, partner_id, body.kind, body.amount, body.priority, expires, body.note
+        )
+        return credit_view(grant)
 
     # --- OAuth clients ----------------------------------------------------------------------------------
 

@@ -61,7 +61,7 @@ class PartnerStore:
         self.clients = OAuthClients(db)  # OAuth clients and token signing keys live in this database too
         self.signing = SigningKeys(db)
         for plan in DEFAULT_PLANS:
-            db.execute("INSERT INTO plans VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING", plan.row())
+            db.execute("INSERT INTO plans VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING", plan.row())
 
     def close(self) -> None:
         self.db.close()
@@ -70,11 +70,11 @@ class PartnerStore:
 
     def put_plan(self, plan: Plan) -> None:
         self.db.execute(
-            "INSERT INTO plans VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+            "INSERT INTO plans VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
             " requests_per_minute = excluded.requests_per_minute, tokens_per_minute = excluded.tokens_per_minute,"
             " max_concurrent = excluded.max_concurrent, monthly_tokens = excluded.monthly_tokens,"
             " allowed_models = excluded.allowed_models, weight = excluded.weight,"
-            " ip_allowlist = excluded.ip_allowlist",
+            " ip_allowlist = excluded.ip_allowlist, prepaid = excluded.prepaid",
             plan.row(),
         )
 

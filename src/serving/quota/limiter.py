@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from serving.domain import Caller
 from serving.errors import QuotaExceeded
+
+if TYPE_CHECKING:
+    from serving.commerce.prepaid import Hold
 
 WINDOW_S = 60.0
 BUCKET_S = 0.1  # window resolution: 600 buckets per window
@@ -53,6 +56,7 @@ class Reservation:
     month: str
     limits: RateLimits | None  # None when the quota store was unreachable and the policy let the call in
     bucket: int = 0  # the window bucket its tokens count in (settling corrects that bucket)
+    hold: Hold | None = None  # a prepaid plan's held maximum cost (admission adds it after the quota's reservation)
 
 
 class QuotaBackend(Protocol):

@@ -174,6 +174,34 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             )""",
         ],
     ),
+    (
+        6,
+        "prepaid plans, credit grants and their draws",
+        [
+            "ALTER TABLE plans ADD COLUMN prepaid BIGINT NOT NULL DEFAULT 0",
+            # Amounts are decimal strings (exact); priority: lower is drawn first.
+            """CREATE TABLE IF NOT EXISTS credit_grants (
+                id TEXT PRIMARY KEY,
+                partner_id TEXT NOT NULL REFERENCES partners(id),
+                kind TEXT NOT NULL,
+                amount TEXT NOT NULL,
+                priority BIGINT NOT NULL,
+                granted_at DOUBLE PRECISION NOT NULL,
+                expires_at DOUBLE PRECISION,
+                note TEXT NOT NULL,
+                granted_by TEXT NOT NULL
+            )""",
+            "CREATE INDEX IF NOT EXISTS credit_grants_partner ON credit_grants(partner_id)",
+            # What each closed invoice drew from each grant (written by billing when it closes a period).
+            """CREATE TABLE IF NOT EXISTS credit_draws (
+                period TEXT NOT NULL,
+                grant_id TEXT NOT NULL REFERENCES credit_grants(id),
+                partner_id TEXT NOT NULL,
+                amount TEXT NOT NULL,
+                PRIMARY KEY (period, grant_id)
+            )""",
+        ],
+    ),
 ]
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from billing.periods import PeriodError
-from billing.pricing import PricingError
 from billing.retry import SourceError
 from billing.service import PeriodIncomplete
+from serving.commerce.pricebook import PricingError
 from serving.storage.database import DatabaseUnavailable
 
 

@@ -2,10 +2,11 @@
 
 Money rule (the one rounding in billing): line amounts and the subtotal are exact decimals
 (``quantity * unit_price / unit_size``, no rounding); the allowance credit is ``min(allowance, subtotal)``;
-the minimum-commitment top-up lifts ``subtotal - credit`` to the commitment; only the **total** is rounded,
-to the cent, half to even (``ROUND_HALF_EVEN``). The allowance and the commitment are monthly amounts: a
-calendar-month period gets them whole; any other range gets them pro-rated by its share of the month it
-starts in (``Period.month_share()``, exact).
+the minimum-commitment top-up lifts ``subtotal - credit`` to the commitment; credit grants then pay what is due
+(``subtotal - credit + topup``), each as far as it goes, in draw order (``serving.commerce.credits``), exactly;
+only the **total** is rounded, to the cent, half to even (``ROUND_HALF_EVEN``). The allowance and the commitment
+are monthly amounts: a calendar-month period gets them whole; any other range gets them pro-rated by its share
+of the month it starts in (``Period.month_share()``, exact).
 
 The documents hold nothing but their inputs' consequences (no wall-clock time), so computing an invoice
 twice from the same counters gives the same bytes.
@@ -16,28 +17,20 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from typing import Any
 
 from billing.counters import UNITS, UsageKey
 from billing.periods import Period, iso
-from billing.pricing import UNIT_SIZE, PriceBook
+from serving.commerce.credits import allocate
+from serving.commerce.money import money
+from serving.commerce.pricebook import UNIT_SIZE, PriceBook
 
 CENT = Decimal("0.01")
 RATIO = Decimal("0.000001")
 CSV_HEADER = ("partner", "period", "kind", "model", "unit", "from", "to", "quantity", "unit_price", "amount")
-
-
-def money(value: Decimal) -> str:
-    """Exact, without exponent and without trailing zeros beyond the cent."""
-    text = format(value, "f")
-    if "." in text:
-        whole, fraction = text.split(".")
-        fraction = fraction.rstrip("0").ljust(2, "0")
-        return f"{whole}.{fraction}"
-    return f"{text}.00"
 
 
 @dataclass(frozen=True)
@@ -60,6 +53,35 @@ class LineItem:
             "unit_price": money(self.unit_price),
             "per": int(UNIT_SIZE[self.unit]),
             "amount": money(self.amount),
+        }
+
+
+@dataclass(frozen=True)
+class GrantBalance:
+    """A credit grant an invoice may draw from: what earlier invoices left of it."""
+
+    grant_id: str
+    kind: str
+    priority: int
+    available: Decimal
+
+
+@dataclass(frozen=True)
+class CreditUse:
+    grant_id: str
+    kind: str
+    priority: int
+    available: Decimal  # before this invoice
+    applied: Decimal  # drawn by this invoice (exact)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "grant": self.grant_id,
+            "kind": self.kind,
+            "priority": self.priority,
+            "available": money(self.available),
+            "applied": money(self.applied),
+            "remaining": money(self.available - self.applied),
         }
 
 
@@ -95,6 +117,7 @@ class Invoice:
     commitment: Decimal
     drift: Drift = field(default_factory=Drift)
     needs_review: bool = False
+    credits: tuple[CreditUse, ...] = ()  # credit grants drawn, in draw order
 
     @property
     def subtotal(self) -> Decimal:
@@ -109,8 +132,17 @@ class Invoice:
         return max(Decimal(0), self.commitment - (self.subtotal - self.credit))
 
     @property
+    def due(self) -> Decimal:
+        """What the usage and the commitment cost after the allowance, before credit grants (exact)."""
+        return self.subtotal - self.credit + self.topup
+
+    @property
+    def credits_applied(self) -> Decimal:
+        return sum((use.applied for use in self.credits), Decimal(0))
+
+    @property
     def total(self) -> Decimal:
-        return (self.subtotal - self.credit + self.topup).quantize(CENT, ROUND_HALF_EVEN)
+        return (self.due - self.credits_applied).quantize(CENT, ROUND_HALF_EVEN)
 
     @property
     def status(self) -> str:
@@ -133,6 +165,8 @@ class Invoice:
             "subtotal": money(self.subtotal),
             "allowance_credit": money(self.credit),
             "minimum_commitment_topup": money(self.topup),
+            "credits": [use.as_dict() for use in self.credits],
+            "credits_applied": money(self.credits_applied),
             "total": money(self.total),
             "rounding": "total rounded to 0.01, ROUND_HALF_EVEN; lines and subtotal exact",
             "reconciliation": {
@@ -160,9 +194,11 @@ class Invoice:
             ("subtotal", self.subtotal),
             ("allowance_credit", -self.credit),
             ("minimum_commitment_topup", self.topup),
-            ("total", self.total),
         ):
             writer.writerow([*base, kind, "", "", "", "", "", "", money(amount)])
+        for use in self.credits:  # the grant's id in the model column
+            writer.writerow([*base, "credit_grant", use.grant_id, "", "", "", "", "", money(-use.applied)])
+        writer.writerow([*base, "total", "", "", "", "", "", "", money(self.total)])
         return out.getvalue()
 
 
@@ -174,8 +210,10 @@ def build_invoices(
     book: PriceBook,
     default_plan: str,
     include: Iterable[str] = (),
+    grants: Mapping[str, Sequence[GrantBalance]] | None = None,
 ) -> list[Invoice]:
-    """One invoice per partner with usage or in ``include`` (and, for monthly periods, per partner in ``plans``)."""
+    """One invoice per partner with usage or in ``include`` (and, for monthly periods, per partner in ``plans``);
+    ``grants``: per partner, the credit grants it may draw from, in draw order."""
     partners = {key.partner for key in usage if usage[key]} | set(include)
     if period.monthly:
         partners |= set(plans)
@@ -191,17 +229,23 @@ def build_invoices(
                 for unit in UNITS:
                     lines.extend(_segments(partner, plan, model, unit, usage, boundaries, book))
         terms = book.terms_for(plan, period.start)
-        invoices.append(
-            Invoice(
-                partner=partner,
-                plan=plan,
-                period=period,
-                currency=book.currency,
-                lines=lines,
-                allowance=terms.monthly_allowance * share,
-                commitment=terms.minimum_commitment * share,
-            )
+        invoice = Invoice(
+            partner=partner,
+            plan=plan,
+            period=period,
+            currency=book.currency,
+            lines=lines,
+            allowance=terms.monthly_allowance * share,
+            commitment=terms.minimum_commitment * share,
         )
+        usable = list((grants or {}).get(partner, ()))
+        drawn = dict(allocate(((g.grant_id, g.available) for g in usable), invoice.due))
+        uses = tuple(
+            CreditUse(g.grant_id, g.kind, g.priority, g.available, drawn[g.grant_id])
+            for g in usable
+            if g.grant_id in drawn
+        )
+        invoices.append(replace(invoice, credits=uses))
     return invoices
 
 

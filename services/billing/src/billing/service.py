@@ -18,23 +18,25 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from billing.counters import Series, bucket_usage
-from billing.invoices import Invoice, build_invoices
+from billing.invoices import GrantBalance, Invoice, build_invoices
 from billing.ledger import LedgerReader, PartnerPlans
 from billing.metrics import BillingMetrics
 from billing.periods import Period, iso
-from billing.pricing import PriceBook
 from billing.promapi import PrometheusClient
 from billing.reconcile import Reconciliation, reconcile
 from billing.retry import RetryPolicy
 from billing.scrape import Scraper
 from billing.settings import BillingSettings
 from billing.store import BillingStore, StoredInvoice
+from serving.commerce.credits import CreditStore
+from serving.commerce.pricebook import PriceBook
 from serving.storage.database import Database
 
 log = logging.getLogger("billing.service")
@@ -123,12 +125,42 @@ class BillingService:
         return self.prometheus.series(period.start, period.end, self.settings.prometheus_lookback_s)
 
     # -- computing -----------------------------------------------------------------------------------
-    def _plans(self, before: float) -> dict[str, str]:
+    def _partners_db_exists(self) -> bool:
         url = self.settings.partners_db_url
-        if not url.startswith(("postgresql://", "postgres://")) and not Path(url.removeprefix("sqlite:///")).exists():
+        return url.startswith(("postgresql://", "postgres://")) or Path(url.removeprefix("sqlite:///")).exists()
+
+    def _plans(self, before: float) -> dict[str, str]:
+        if not self._partners_db_exists():
             return {}
-        with self._gateway_db(url) as db:
+        with self._gateway_db(self.settings.partners_db_url) as db:
             return PartnerPlans(db).plans(before)
+
+    def _grants(self, period: Period) -> dict[str, list[GrantBalance]]:
+        """Per partner, the credit grants usable in the period with what closed invoices of other periods left."""
+        if not self._partners_db_exists():
+            return {}
+        with self._gateway_db(self.settings.partners_db_url) as db:
+            credits = CreditStore(db)
+            grants, drawn = credits.grants(), credits.drawn(except_period=period.id)
+        usable: dict[str, list[GrantBalance]] = {}
+        for grant in grants:  # in draw order
+            available = grant.amount - drawn.get(grant.id, Decimal(0))
+            if grant.covers(period.start, period.end) and available > 0:
+                balance = GrantBalance(grant.id, grant.kind.value, grant.priority, available)
+                usable.setdefault(grant.partner_id, []).append(balance)
+        return usable
+
+    def _record_draws(self, period: Period, invoices: list[Invoice]) -> None:
+        """Writes what each invoice drew from each grant into the partner database, where gateways read balances;
+        before the close commits (idempotent: a retried close writes the same rows)."""
+        draws = [(i.partner, use.grant_id, use.applied) for i in invoices for use in i.credits]
+        if not draws:
+            return
+        db = Database(self.settings.partners_db_url, max_connections=1)
+        try:
+            CreditStore(db).record_draws(period.id, draws)
+        finally:
+            db.close()
 
     def compute(self, period: Period) -> tuple[list[Invoice], Reconciliation]:
         series = self.series(period)
@@ -140,7 +172,14 @@ class BillingService:
         # A partner the ledger knows but the counters never saw still gets an invoice (empty, flagged by its drift).
         seen_by_ledger = [p for p, d in drift.items() if d.ledger_tokens or d.ledger_requests]
         invoices = build_invoices(
-            period, usage, boundaries, self._plans(period.end), self.book, self.settings.default_plan, seen_by_ledger
+            period,
+            usage,
+            boundaries,
+            self._plans(period.end),
+            self.book,
+            self.settings.default_plan,
+            seen_by_ledger,
+            self._grants(period),
         )
         reviewed = []
         for invoice in invoices:
@@ -165,6 +204,7 @@ class BillingService:
             if not self.store.is_closed(period.id):
                 self.check_complete(period)
                 invoices, reconciliation = self.compute(period)
+                self._record_draws(period, invoices)
                 stored = [StoredInvoice(period.id, i.partner, i.status, i.to_json(), i.to_csv()) for i in invoices]
                 crash = self._crash if self.settings.crash_point == "close_before_commit" else None
                 if self.store.write_close(period.id, period.start, period.end, stored, reconciliation.rows, crash):

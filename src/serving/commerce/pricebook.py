@@ -1,6 +1,11 @@
 """Price books: prices per plan and model, plan terms (free monthly allowance, minimum commitment), all
 with effective dates. Money is ``Decimal`` from strings, never a float.
 
+One book is shared by billing (invoices) and the gateway (prepaid plans reserve and draw a request's cost at
+admission), both loading the same file, so both compute every amount alike. A price must be a whole number of
+money units (10⁻⁹, ``serving.commerce.money``) per token and per request, so that a request's cost is exact in
+units too.
+
 A price book is TOML::
 
     currency = "USD"
@@ -31,6 +36,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from serving.commerce.money import MoneyError, to_units
+
 UNIT_PRICES = MappingProxyType(
     {"input_tokens": "input_per_1k", "output_tokens": "output_per_1k", "requests": "per_request"}
 )
@@ -54,6 +61,18 @@ class Price:
         value: Decimal = getattr(self, UNIT_PRICES[unit])
         return value
 
+    def cost(self, input_tokens: int, output_tokens: int, requests: int = 1) -> Decimal:
+        """Exactly what an invoice line charges for this usage (no rounding)."""
+        return (
+            input_tokens * self.input_per_1k / UNIT_SIZE["input_tokens"]
+            + output_tokens * self.output_per_1k / UNIT_SIZE["output_tokens"]
+            + requests * self.per_request
+        )
+
+    def cost_units(self, input_tokens: int, output_tokens: int, requests: int = 1) -> int:
+        """``cost`` in money units: exact, because every price is whole units per token and per request."""
+        return to_units(self.cost(input_tokens, output_tokens, requests))
+
 
 @dataclass(frozen=True)
 class Terms:
@@ -73,6 +92,15 @@ def _money(where: str, raw: Any) -> Decimal:
     if not value.is_finite() or value < 0:
         raise PricingError(f"{where}: must be a finite amount >= 0: {raw!r}")
     return value
+
+
+def _per_unit(where: str, price: Decimal, size: Decimal) -> Decimal:
+    """Refuses a price finer than one money unit per token (or request): costs must be exact in units."""
+    try:
+        to_units(price / size)
+    except MoneyError as exc:
+        raise PricingError(f"{where}: {price} per {size} is finer than 1e-9 per unit of usage") from exc
+    return price
 
 
 def _when(where: str, raw: Any) -> float:
@@ -101,7 +129,12 @@ class PriceBook:
                     plan=str(entry.get("plan", "*")),
                     model=str(entry.get("model", "*")),
                     effective_from=_when(where, entry.get("effective_from")),
-                    **{field: _money(f"{where}.{field}", entry.get(field, "0")) for field in UNIT_PRICES.values()},
+                    **{
+                        field: _per_unit(
+                            f"{where}.{field}", _money(f"{where}.{field}", entry.get(field, "0")), UNIT_SIZE[unit]
+                        )
+                        for unit, field in UNIT_PRICES.items()
+                    },
                 )
             )
         terms = [
@@ -119,7 +152,7 @@ class PriceBook:
     def load(cls, path: Path | None) -> PriceBook:
         """The TOML file at ``path``; None: the book shipped with the package."""
         if path is None:
-            return cls.parse(resources.files("billing").joinpath("pricebook.toml").read_text())
+            return cls.parse(resources.files("serving.commerce").joinpath("pricebook.toml").read_text())
         return cls.parse(path.read_text())
 
     def price(self, plan: str, model: str, at: float) -> Price:

@@ -104,7 +104,9 @@ async def test_cancelled_streams_under_load_are_never_billed_less_than_received(
         assert status == "cancelled", (route, request_id, status)
         told = counts[got - 1] if route == "openai" else got  # tokens in what the client received
         assert told == counts[n - 1], (route, n, told, counts)
-        assert billed in counts[n - 1 : n + 1], (route, n, billed, counts[n - 1 : n + 1])  # received, or one more
+        # Received, or more: the deltas handed to the transport before the cancel was seen (on a busy machine an
+        # HTTP stream can have more than one in its socket buffers). Never less, and always a whole delta.
+        assert billed in counts[n - 1 :], (route, n, billed, counts[n - 1 :])
         over += billed > told
     print(f"{len(plan)} cancelled streams over {len(routes)} routes: {len(plan) - over} billed exactly what the client"
-          f" received, {over} one delta more (in flight at the cancel), 0 less")  # fmt: skip
+          f" received, {over} more (deltas in flight at the cancel), 0 less")  # fmt: skip

@@ -1,7 +1,8 @@
 """Prepaid money budgets, end to end on the real stack: two gateway replicas share Redis, concurrent generations of
 a prepaid partner on both draw one small credit grant, the balance is never overspent, refusals name the balance
-(HTTP 402 ``insufficient_quota``, gRPC RESOURCE_EXHAUSTED with a QuotaFailure), and billing, scraping both replicas,
-closes an invoice whose charges equal what the balance was drawn, to the cent.
+(HTTP 402 ``insufficient_quota``, gRPC RESOURCE_EXHAUSTED with a QuotaFailure), balance alerts reach a real
+receiver, and billing, scraping both replicas, closes an invoice whose charges equal what the balance was drawn, to
+the cent.
 
 Costs are computed here from the shipped price book's numbers, independently of the pricing code."""
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 from conftest import ADMIN_TOKEN, REDIS_URL, running_gateway
+from webhook_support import receiver
 
 from billing.periods import Period, iso
 from billing.service import BillingService
@@ -25,7 +27,7 @@ from serving.gateway.app import Gateway
 from serving.models.registry import ModelSpec
 from serving.partners.store import PartnerStore
 from serving.plans import Plan
-from serving.settings import Settings
+from serving.settings import Settings, Webhooks
 from serving_sdk import ApiError, AsyncClient
 
 GENERATE = "smollm2-135m-instruct"
@@ -34,6 +36,7 @@ INPUT_PER_1K, OUTPUT_PER_1K, PER_REQUEST = Decimal("0.1000"), Decimal("0.3000"),
 GRANT = Decimal("0.0500")
 MAX_TOKENS = 16
 BURST = 24  # concurrent generations, alternating replicas: far more than the grant covers
+ALERTS = Webhooks(evaluate_interval_s=0.05, dispatch_interval_s=0.05, timeout_s=5.0)
 
 
 def cost(input_tokens: int, output_tokens: int) -> Decimal:
@@ -85,9 +88,14 @@ async def test_prepaid_generations_on_two_replicas_never_overspend_and_the_invoi
     key = store.issue_key(partner.id)
     auth = {"authorization": f"Bearer {key}"}
     async with (
-        running_gateway(settings, specs, ray_models, store, redis_url=REDIS_URL, gateway_id="prepaid-1") as one,
-        running_gateway(settings, specs, ray_models, store, redis_url=REDIS_URL, gateway_id="prepaid-2") as two,
+        running_gateway(
+            settings, specs, ray_models, store, redis_url=REDIS_URL, gateway_id="prepaid-1", webhooks=ALERTS
+        ) as one,
+        running_gateway(
+            settings, specs, ray_models, store, redis_url=REDIS_URL, gateway_id="prepaid-2", webhooks=ALERTS
+        ) as two,
         httpx.AsyncClient(timeout=120) as http,
+        receiver(fail_first=0) as alerts,
     ):
         admin = {"authorization": f"Bearer {ADMIN_TOKEN}"}
         granted = await http.post(
@@ -104,6 +112,12 @@ async def test_prepaid_generations_on_two_replicas_never_overspend_and_the_invoi
 
             # 1. A concurrent burst over both replicas, half gRPC (SDK) and half HTTP (OpenAI route).
             http.headers.update(auth)
+            hook = await http.post(
+                f"http://127.0.0.1:{one.http_port}/v1/webhooks",
+                json={"url": alerts.url("/balance"), "thresholds": [50, 80]},
+            )
+            assert hook.status_code == 201, hook.text
+            alerts.secrets["/balance"] = hook.json()["secret"]
             burst = await asyncio.gather(
                 *(
                     _grpc_generate((one, two)[i % 2], key, i)
@@ -127,13 +141,19 @@ async def test_prepaid_generations_on_two_replicas_never_overspend_and_the_invoi
 
             assert served and refused and last is not None
             assert spent <= GRANT  # overshoot 0
+            # A refusal says 402 when the balance cannot cover the request, or a retryable 429 while the partner's
+            # own requests in flight hold what would cover it once they settle.
             for reply in refused:
                 if isinstance(reply, ApiError):
-                    assert reply.code == "RESOURCE_EXHAUSTED" and reply.subject and reply.subject.startswith("balance:")
+                    assert reply.code == "RESOURCE_EXHAUSTED" and reply.subject is not None
+                    assert reply.subject == "balance_held" or reply.subject.startswith("balance:"), reply.subject
                 else:
-                    assert reply.status_code == 402, reply.text
-                    assert reply.json()["error"]["code"] == "insufficient_quota"
-                    assert "prepaid balance" in reply.json()["error"]["message"]
+                    error = reply.json()["error"]
+                    assert (reply.status_code, error["code"]) in {
+                        (402, "insufficient_quota"),
+                        (429, "rate_limit_exceeded"),
+                    }
+                    assert "prepaid balance" in error["message"]
             # The last refusal names the balance left: exactly the grant minus what was served.
             assert last.code == "RESOURCE_EXHAUSTED" and last.reason == "insufficient_quota"
             left = GRANT - spent
@@ -147,6 +167,17 @@ async def test_prepaid_generations_on_two_replicas_never_overspend_and_the_invoi
             assert statement["prepaid"] is True and statement["currency"] == "USD"
             assert (grant["id"], Decimal(grant["used"]), Decimal(grant["held"])) == (grant_id, spent, 0)
             assert Decimal(statement["balance"]) == left
+
+            # Balance alerts: 50 % and 80 % of the grant used, each event once, signed (both replicas evaluate).
+            def crossed() -> bool:
+                return {r.threshold for r in alerts.accepted("/balance")} == {50, 80}
+
+            await alerts.wait_for("the balance alerts", crossed)
+            for alert in alerts.accepted("/balance"):
+                data = alert.body["data"]
+                assert alert.signature_ok and (data["metric"], data["grants"]) == ("credit_balance", [grant_id])
+                assert Decimal(data["used"]) * 100 >= alert.threshold * GRANT and Decimal(data["limit"]) == GRANT
+            assert len(alerts.accepted("/balance")) == 2
 
             # 3. Billing scrapes both replicas and closes the period: the charges equal the draw, to the cent.
             await asyncio.to_thread(billing.scraper.scrape_once)  # type: ignore[union-attr]

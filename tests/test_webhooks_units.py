@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from serving.storage.database import Database
 from serving.webhooks.backoff import backoff_s
 from serving.webhooks.dispatcher import Dispatcher, build_client
 from serving.webhooks.evaluator import Evaluator
-from serving.webhooks.events import Period, periods_to_check
+from serving.webhooks.events import CreditSnapshot, Period, periods_to_check
 from serving.webhooks.signer import SignatureError, new_secret, sign, signature, verify
 from serving.webhooks.store import CANCELLED, DELIVERED, FAILED, PENDING, Attempt, WebhookStore
 from serving.webhooks.urls import validate_thresholds, validate_url
@@ -232,6 +233,34 @@ def test_an_endpoint_hears_only_of_periods_that_ended_after_it_was_registered(pa
     november = hooks.events(partner, "monthly_tokens", "2026-11")[50]
     december = hooks.events(partner, "monthly_tokens", "2026-12")[50]
     assert hooks.delivery_pairs([november, december]) == {(november, old), (december, old), (december, new)}
+
+
+def test_credit_balance_thresholds_fire_once_per_set_of_grants(partners: PartnerStore) -> None:
+    """``credit_balance``: money used of the active grants; a new grant starts a new period (thresholds armed
+    again), and a partner without a monthly budget still hears of its balance."""
+    hooks = WebhookStore(partners.db)
+    partner = _partner(partners, 0)  # no monthly token budget
+    endpoint = _endpoint(hooks, partner, (50, 80, 100))
+    evaluator = Evaluator(hooks, lambda *_: 10**9)
+    first = CreditSnapshot(("cg_a",), Decimal("4.99"), Decimal("10.00"), "USD")
+    assert evaluator.run({partner: first}) == 0  # 49.9 %
+    half = replace(first, used=Decimal("5.00"))
+    assert evaluator.run({partner: half}) == 1 and evaluator.run({partner: half}) == 0
+    assert evaluator.run({partner: replace(first, used=Decimal("9.00"))}) == 1  # 80
+    events = hooks.events(partner, "credit_balance", first.period)
+    assert sorted(events) == [50, 80]
+    topped_up = CreditSnapshot(("cg_a", "cg_b"), Decimal("9.00"), Decimal("30.00"), "USD")  # 30 %: nothing yet
+    assert topped_up.period != first.period and evaluator.run({partner: topped_up}) == 0
+    assert evaluator.run({partner: replace(topped_up, used=Decimal("30.00"))}) == 3  # 50, 80 and 100 of the new set
+    [delivery] = [d for d in hooks.deliveries(partner, endpoint, 10) if d.event["data"]["threshold_percent"] == 100]
+    data = delivery.event["data"]
+    assert (data["metric"], data["used"], data["limit"], data["remaining"]) == (
+        "credit_balance",
+        "30.00",
+        "30.00",
+        "0.00",
+    )
+    assert data["grants"] == ["cg_a", "cg_b"] and data["currency"] == "USD" and data["used_percent"] == 100.0
 
 
 def _due_deliveries(partners: PartnerStore, hooks: WebhookStore, count: int) -> tuple[str, list[str]]:

@@ -54,7 +54,7 @@ class CpuRow:
     concurrency: int
     access_log: bool  # configure the access log for this row (the ON gateways)
     handle_model: str | None  # the model whose replica batch stats to read (None: the echo server)
-    credential: str | None = None  # an OAuth access token instead of the variant's API key (issue 16's row)
+    credential: str | None = None  # an access token or a prepaid partner's key instead of the variant's API key
 
 
 def echo_row(run: int, echo: str, cfg: Config) -> CpuRow:
@@ -65,19 +65,25 @@ def echo_row(run: int, echo: str, cfg: Config) -> CpuRow:
 
 
 def access_token(store: Any, partner_id: str) -> str:
-    """An OAuth access token for the partner, as POST /oauth/token issues it (valid for the whole run)."""
+    """An OAuth access token for the partner, as POST /oauth/token issues it: the default lifetime (900 s; gateways
+    refuse longer ones), which outlasts one variant's rows."""
     from serving.identity.scopes import ALL_SCOPES
     from serving.identity.tokens import TokenIssuer
     from serving.settings import Settings
 
     client, secret = store.clients.create(partner_id, "bench", frozenset(ALL_SCOPES))
-    issuer = TokenIssuer(store.client_owner, store.signing.signing_key, Settings().oauth_issuer, 3600)
+    defaults = Settings()
+    issuer = TokenIssuer(
+        store.client_owner, store.signing.signing_key, defaults.oauth_issuer, defaults.oauth_token_ttl_s
+    )
     return str(issuer.issue(client.client_id, secret, None)["access_token"])
 
 
-def variant_rows(variant: str, overhead: Overhead, cfg: Config, token: str | None = None) -> list[CpuRow]:
-    """The variant's front doors (each ON gRPC door also with an access token instead of the API key); ON-redis
-    gRPC again at concurrency 1 (every request its own handle call)."""
+def variant_rows(
+    variant: str, overhead: Overhead, cfg: Config, token: str | None = None, prepaid: str | None = None
+) -> list[CpuRow]:
+    """The variant's front doors (each ON gRPC door also with an access token, and with a prepaid partner's key,
+    instead of the API key); ON-redis gRPC again at concurrency 1 (every request its own handle call)."""
     rows = []
     for door in VARIANT_DOORS[variant]:
         target = overhead.targets[variant] if door == "grpc" else overhead.http_targets[variant]
@@ -85,8 +91,15 @@ def variant_rows(variant: str, overhead: Overhead, cfg: Config, token: str | Non
         key = f"{CPU_PREFIX}{variant}-{door}"
         rows.append(CpuRow(key, label, variant, door, target, cfg.concurrency, variant != "off", NOOP_MODEL))
         if door == "grpc" and token is not None:
-            label += ", OAuth access token"
-            rows.append(CpuRow(f"{key}-token", label, variant, door, target, cfg.concurrency, True, NOOP_MODEL, token))
+            tokened = f"{label}, OAuth access token"
+            rows.append(
+                CpuRow(f"{key}-token", tokened, variant, door, target, cfg.concurrency, True, NOOP_MODEL, token)
+            )
+        if door == "grpc" and prepaid is not None:  # issue 17: money held at admission, drawn at settlement
+            held = f"{label}, prepaid plan"
+            rows.append(
+                CpuRow(f"{key}-prepaid", held, variant, door, target, cfg.concurrency, True, NOOP_MODEL, prepaid)
+            )
     if variant == "redis":
         label = f"CPU: no-op, gateway {VARIANT_NAME[variant]}, gRPC, concurrency 1"
         key = f"{CPU_PREFIX}redis-grpc-c1"
@@ -239,6 +252,14 @@ def cpu_ratios(results: dict[str, Measurement]) -> list[Ratio]:
         if key_row and token_row and key_row.cpu_us and token_row.cpu_us is not None:
             label = f"CPU: OAuth access token ÷ API key, CPU per request, {VARIANT_NAME[variant]}, gRPC"
             rows.append(Ratio(label, token_row.key, key_row.key, token_row.cpu_us / key_row.cpu_us, 1.0, op="≤"))
+    for variant in ("on", "redis"):  # issue 17: what a prepaid plan's hold and draw add
+        key_row, prepaid_row = (
+            results.get(f"{CPU_PREFIX}{variant}-grpc"),
+            results.get(f"{CPU_PREFIX}{variant}-grpc-prepaid"),
+        )
+        if key_row and prepaid_row and key_row.cpu_us and prepaid_row.cpu_us is not None:
+            label = f"CPU: prepaid plan ÷ metered plan, CPU per request, {VARIANT_NAME[variant]}, gRPC"
+            rows.append(Ratio(label, prepaid_row.key, key_row.key, prepaid_row.cpu_us / key_row.cpu_us, None, op="≤"))
     for key, what in (("off", "OFF (stand-ins)"), ("on", "ON (memory quota)")):
         base = results.get(f"{CPU_PREFIX}{key}-grpc")
         if base is not None and base.cpu_us is not None:

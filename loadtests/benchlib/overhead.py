@@ -153,12 +153,13 @@ async def redis_reachable(url: str) -> str | None:
 
 
 async def forget_partner_in_redis(url: str, partner_id: str) -> None:
-    """Deletes the benchmark partner's quota and idempotency keys (the month counter would live 40 days)."""
+    """Deletes the benchmark partner's quota, idempotency and wallet keys (the month counter would live 40 days,
+    a wallet for ever)."""
     import redis.asyncio as aioredis
 
     client = aioredis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
     try:
-        for pattern in (f"quota:{{{partner_id}}}:*", f"idem:{{{partner_id}}}:*"):
+        for pattern in (f"quota:{{{partner_id}}}:*", f"idem:{{{partner_id}}}:*", f"wallet:{{{partner_id}}}:*"):
             keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
             if keys:
                 await client.delete(*keys)

@@ -14,10 +14,17 @@ import grpc
 
 from benchlib.common import EMBED_MODEL, NOOP_MODEL, Config, Measurement
 from benchlib.cpu import VARIANT_DOORS, CpuRow, access_token, cpu_steps, echo_row, idle_cores, variant_rows
-from benchlib.overhead import LATENCY_PREFIX, Overhead, overhead_steps, start_overhead
+from benchlib.overhead import (
+    LATENCY_PREFIX,
+    METERED_PLAN,
+    Overhead,
+    forget_partner_in_redis,
+    overhead_steps,
+    start_overhead,
+)
 from benchlib.plain import plain_run
 from benchlib.scaleout import measure_scaleout
-from benchlib.stack import Stack, echo_payload, open_store, start_echo_server, unlimited_key
+from benchlib.stack import Stack, echo_payload, open_store, prepaid_key, start_echo_server, unlimited_key
 from benchlib.sweep import sweep_steps
 from benchlib.workers import grpc_run, http_run, raw_run
 
@@ -157,15 +164,22 @@ async def measure_cpu(stack: Stack, store: Any, echo: str, redis_url: str, cfg: 
         overhead = await start_overhead(
             stack, store, redis_url, only=(variant,), partner=f"bench-cpu-{variant}", data_prefix="cpu"
         )
+        prepaid_id = None
         try:
             if variant not in overhead.targets:
                 out.notes.append(f"CPU: ON (Redis quota) rows skipped: {overhead.note}")
                 continue
-            token = None if variant == "off" else access_token(store, overhead.partner_id)
+            token = prepaid = None
+            if variant != "off":  # the same partner's access token; a prepaid partner on the same limits
+                token = access_token(store, overhead.partner_id)
+                prepaid_id, prepaid = prepaid_key(store, f"bench-cpu-{variant}-prepaid", METERED_PLAN)
             out.idle_cores[variant] = await idle_cores()
-            out.measured += await run_plan(steps(variant_rows(variant, overhead, cfg, token), overhead.api_key))
+            rows = variant_rows(variant, overhead, cfg, token, prepaid)
+            out.measured += await run_plan(steps(rows, overhead.api_key))
         finally:
             await overhead.stop()
+            if prepaid_id is not None and overhead.redis_url is not None:
+                await forget_partner_in_redis(overhead.redis_url, prepaid_id)
     out.measured += await run_plan(steps([echo_row(2, echo, cfg)], ECHO_KEY))
     return out
 

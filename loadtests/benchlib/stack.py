@@ -108,6 +108,7 @@ def start_stack(tmp: Path, hardware: Hardware, with_plain: bool = True) -> Stack
     registry = write_registry(tmp / "registry.toml", hardware)
     settings = Settings(
         data_dir=tmp,
+        price_book=write_price_book(tmp / "prices.toml"),
         model_registry=registry,
         model_cache_dir=CACHE_DIR,
         grpc_port=0,
@@ -197,6 +198,36 @@ def open_store(path: Path) -> Any:
     from serving.storage.database import Database
 
     return PartnerStore(Database(str(path)))
+
+
+PREPAID_PLAN = "bench-prepaid"
+
+
+def write_price_book(path: Path) -> Path:
+    """The shipped price book plus a price for the no-op model on the prepaid bench plan (rows CPU prepaid)."""
+    from importlib import resources
+
+    from serving.commerce.pricebook import PriceBook
+
+    shipped = resources.files("serving.commerce").joinpath("pricebook.toml").read_text()
+    noop = (
+        f'[[price]]\nplan = "{PREPAID_PLAN}"\nmodel = "{NOOP_MODEL}"\neffective_from = 2026-01-01T00:00:00Z\n'
+        'input_per_1k = "0.0200"\noutput_per_1k = "0"\nper_request = "0.0001"\n'
+    )
+    path.write_text(f"{shipped}\n{noop}")
+    PriceBook.load(path)  # valid, or the bench stops here
+    return path
+
+
+def prepaid_key(store: Any, partner: str, plan: Any) -> tuple[str, str]:
+    """A new partner on a prepaid copy of ``plan`` with a grant no benchmark spends: (partner id, API key)."""
+    from decimal import Decimal
+
+    from serving.commerce.credits import CreditStore
+
+    partner_id, key = partner_key(store, partner, replace(plan, name=PREPAID_PLAN, prepaid=True))
+    CreditStore(store.db).grant(partner_id, "purchased", Decimal("1000000.00"), note="benchmark")
+    return partner_id, key
 
 
 def partner_key(store: Any, partner: str, plan: Any) -> tuple[str, str]:

@@ -152,12 +152,25 @@ class CreditStore:
             totals[str(grant_id)] = totals.get(str(grant_id), Decimal(0)) + Decimal(amount)
         return totals
 
-    def record_draws(self, period: str, draws: Iterable[tuple[str, str, Decimal]]) -> None:
-        """``(partner, grant, amount)`` drawn by the invoice of ``period``; idempotent (a close retried after a
-        crash writes the same rows, computed without this period's own)."""
-        rows = [(period, grant_id, partner_id, str(amount)) for partner_id, grant_id, amount in draws]
-        self.db.executemany(
-            "INSERT INTO credit_draws (period, grant_id, partner_id, amount) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (period, grant_id) DO NOTHING",
-            rows,
-        )
+    def closed_through(self, partner_id: str) -> float:
+        """The end of the latest closed period that invoiced the partner (0: none): closed invoices account for its
+        usage up to there."""
+        row = self.db.one("SELECT MAX(period_end) FROM credit_closes WHERE partner_id = ?", (partner_id,))
+        return 0.0 if row is None or row[0] is None else float(row[0])
+
+    def record_close(
+        self, period: str, period_end: float, partners: Iterable[str], draws: Iterable[tuple[str, str, Decimal]]
+    ) -> None:
+        """The partners the invoices of ``period`` (ending at ``period_end``) covered, and ``(partner, grant,
+        amount)`` they drew, replacing what an earlier, unfinished close of the same period wrote (a close retried
+        after a crash computes its draws without this period's own rows: the same amounts unless grants changed)."""
+        closes = [(period, partner_id, period_end) for partner_id in partners]
+        rows = [(period, grant_id, partner_id, str(amount), period_end) for partner_id, grant_id, amount in draws]
+        with self.db.transaction():
+            self.db.execute("DELETE FROM credit_draws WHERE period = ?", (period,))
+            self.db.execute("DELETE FROM credit_closes WHERE period = ?", (period,))
+            self.db.executemany("INSERT INTO credit_closes (period, partner_id, period_end) VALUES (?, ?, ?)", closes)
+            self.db.executemany(
+                "INSERT INTO credit_draws (period, grant_id, partner_id, amount, period_end) VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )

@@ -114,6 +114,9 @@ class PriceBook:
         self.currency = currency
         self.prices = prices
         self.terms = terms
+        # (plan, model) -> its matching tiers, most specific first, each latest-effective first: the gateway looks a
+        # price up on every prepaid request
+        self._tiers: dict[tuple[str, str], list[list[Price]]] = {}
 
     @classmethod
     def parse(cls, text: str) -> PriceBook:
@@ -141,7 +144,11 @@ class PriceBook:
             Terms(
                 plan=str(entry.get("plan", "*")),
                 effective_from=_when(f"terms[{i}]", entry.get("effective_from")),
-                monthly_allowance=_money(f"terms[{i}].monthly_allowance", entry.get("monthly_allowance", "0")),
+                monthly_allowance=_per_unit(
+                    f"terms[{i}].monthly_allowance",
+                    _money(f"terms[{i}].monthly_allowance", entry.get("monthly_allowance", "0")),
+                    Decimal(1),
+                ),
                 minimum_commitment=_money(f"terms[{i}].minimum_commitment", entry.get("minimum_commitment", "0")),
             )
             for i, entry in enumerate(data.get("terms", []))
@@ -158,15 +165,20 @@ class PriceBook:
     def price(self, plan: str, model: str, at: float) -> Price:
         """The price for usage at ``at``: the most specific (plan, model) match, then the latest effective. A model
         version (``minilm-l6@2026-11``) without a price of its own is priced as its base model (``minilm-l6``)."""
-        base = model.partition("@")[0]
-        models = (model, base) if base != model else (model,)
-        wanted = [(want_plan, want_model) for want_plan in (plan, "*") for want_model in (*models, "*")]
-        for want_plan, want_model in wanted:
-            effective = [
-                p for p in self.prices if p.plan == want_plan and p.model == want_model and p.effective_from <= at
+        tiers = self._tiers.get((plan, model))
+        if tiers is None:
+            base = model.partition("@")[0]
+            models = (model, base) if base != model else (model,)
+            wanted = [(want_plan, want_model) for want_plan in (plan, "*") for want_model in (*models, "*")]
+            tiers = [
+                sorted((p for p in self.prices if (p.plan, p.model) == want), key=lambda p: -p.effective_from)
+                for want in wanted
             ]
-            if effective:
-                return max(effective, key=lambda p: p.effective_from)
+            self._tiers[(plan, model)] = tiers
+        for tier in tiers:
+            for price in tier:
+                if price.effective_from <= at:
+                    return price
         raise PricingError(f"no price for plan {plan!r}, model {model!r} at {at}")
 
     def terms_for(self, plan: str, at: float) -> Terms:

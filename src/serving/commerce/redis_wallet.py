@@ -15,9 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from serving.commerce.wallet import GrantUse, Reserved, WalletGrant
@@ -28,27 +31,52 @@ log = logging.getLogger("serving.wallet")
 
 _SETTLE_RETRY_FIRST_S = 0.25
 _SETTLE_RETRY_MAX_S = 5.0
+_CLOSE_WAIT_S = 10.0
+_MAX_PENDING_SETTLES = 10_000  # beyond this a failed settlement is dropped and its hold expires with its lease
 
-# KEYS: used, held, holds, leases.  ARGV: now_ms, lease_ms, hold_id, cost, n, then n x (grant, amount, floor).
-# Returns {ok, balance}: held (balance after) or refused (the free balance).
-_RESERVE = """
-local used, held, holds, leases = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local now, lease, id, cost, n = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-local function int(x) return string.format('%.0f', x) end
-for _, gone in ipairs(redis.call('ZRANGEBYSCORE', leases, '-inf', now)) do
-  local parts = redis.call('HGET', holds, gone)
+# Frees the holds whose lease expired (their gateway never settled). Times are Redis' own (TIME), never a replica's
+# clock, so a replica whose clock runs ahead cannot expire another's hold early. Sets ``now`` (ms).
+_EXPIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)) do
+  local parts = redis.call('HGET', KEYS[3], gone)
   if parts then
-    for g, a in string.gmatch(parts, '([^:,]+):(%d+)') do redis.call('HINCRBY', held, g, int(-tonumber(a))) end
-    redis.call('HDEL', holds, gone)
+    for g, a in string.gmatch(parts, '([^:,]+):(%d+)') do
+      redis.call('HINCRBY', KEYS[2], g, string.format('%.0f', -tonumber(a)))
+    end
+    redis.call('HDEL', KEYS[3], gone)
   end
 end
-redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-local left, balance, take = cost, 0, {}
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+"""
+
+# KEYS: used, held, holds, leases.  ARGV: lease_ms, hold_id, cost, closed_through, n, then n x (grant, amount, floor).
+# Returns {ok, balance, held, seeded}: held (balance after) or refused (the free balance); what requests in flight
+# hold on these grants; 1 when the floors were applied here. The '_' field of ``used`` is the closed_through the
+# floors were last applied for (missing: the wallet has no state for the partner).
+_RESERVE = (
+    _EXPIRE
+    + """
+local used, held, holds, leases = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local lease, id, cost, closed, n = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local function int(x) return string.format('%.0f', x) end
+local seeded = 0
+local mark = redis.call('HGET', used, '_')
+if (not mark) or tonumber(mark) < closed then
+  for i = 0, n - 1 do
+    local g, floor = ARGV[6 + 3 * i], tonumber(ARGV[8 + 3 * i])
+    if floor > tonumber(redis.call('HGET', used, g) or '0') then redis.call('HSET', used, g, int(floor)) end
+  end
+  redis.call('HSET', used, '_', int(closed))
+  seeded = 1
+end
+local left, balance, inflight, take = cost, 0, 0, {}
 for i = 0, n - 1 do
-  local g, amount, floor = ARGV[6 + 3 * i], tonumber(ARGV[7 + 3 * i]), tonumber(ARGV[8 + 3 * i])
-  local u = tonumber(redis.call('HGET', used, g) or '0')
-  if u < floor then redis.call('HSET', used, g, int(floor)); u = floor end
-  local free = amount - u - tonumber(redis.call('HGET', held, g) or '0')
+  local g, amount = ARGV[6 + 3 * i], tonumber(ARGV[7 + 3 * i])
+  local h = tonumber(redis.call('HGET', held, g) or '0')
+  inflight = inflight + h
+  local free = amount - tonumber(redis.call('HGET', used, g) or '0') - h
   if free > 0 then
     balance = balance + free
     if left > 0 then
@@ -58,8 +86,8 @@ for i = 0, n - 1 do
     end
   end
 end
-if redis.call('HEXISTS', holds, id) == 1 then return {1, int(balance)} end  -- sent again after a lost reply
-if left > 0 then return {0, int(balance)} end
+if redis.call('HEXISTS', holds, id) == 1 then return {1, int(balance), int(inflight), seeded} end  -- a resend
+if left > 0 then return {0, int(balance), int(inflight), seeded} end
 local parts = {}
 for _, p in ipairs(take) do
   redis.call('HINCRBY', held, p[1], int(p[2]))
@@ -67,8 +95,9 @@ for _, p in ipairs(take) do
 end
 redis.call('HSET', holds, id, table.concat(parts, ','))
 redis.call('ZADD', leases, now + lease, id)
-return {1, int(balance - cost)}
+return {1, int(balance - cost), int(inflight + cost), seeded}
 """
+)
 
 # KEYS: used, held, holds, leases.  ARGV: hold_id, cost.  Applies once, while the hold exists.
 _SETTLE = """
@@ -89,9 +118,24 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 return 1
 """
 
-# KEYS: used, held.  Returns {used hash, held hash} as flat lists.
-_USAGE = """
+# KEYS: used, held, holds, leases.  Returns {used hash, held hash} as flat lists (expired holds freed first).
+_USAGE = (
+    _EXPIRE
+    + """
 return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
+"""
+)
+
+# KEYS: used.  ARGV: n x (grant, floor).  Raises each grant's use to its floor.
+_RAISE = """
+for i = 1, #ARGV, 2 do
+  local floor = tonumber(ARGV[i + 1])
+  if tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') < floor then
+    redis.call('HSET', KEYS[1], ARGV[i], string.format('%.0f', floor))
+  end
+end
+redis.call('HSETNX', KEYS[1], '_', 0)
+return 1
 """
 
 
@@ -101,67 +145,116 @@ def _keys(partner_id: str) -> list[str]:
 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, int]:
-    return {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+    """A flat HGETALL reply as a dict, without the '_' marker."""
+    pairs = {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+    pairs.pop("_", None)
+    return pairs
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+@dataclass(frozen=True)
+class _PendingSettle:
+    partner_id: str
+    hold_id: str
+    cost: int
+    give_up_at: float  # monotonic; past it the hold's lease has expired and settling changes nothing
+
+
 class RedisWallet:
     """Money fails closed: when Redis cannot be reached a prepaid request is refused (UNAVAILABLE, retry), whatever
-    the quota's failure policy. A settlement that cannot reach Redis is retried in the background until the hold's
-    lease would have expired."""
+    the quota's failure policy. A settlement that cannot reach Redis, and the release of a hold whose reserve got no
+    answer (Redis may have applied it), wait in one bounded queue that a single task retries with backoff until the
+    hold's lease would have expired; closing gives that task a few seconds before giving up."""
 
-    def __init__(self, batch: RedisBatch, *, lease_s: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, batch: RedisBatch, *, lease_s: float) -> None:
         self._batch = batch
         self._lease_ms = int(lease_s * 1000)
-        self._clock = clock
         batch.register("wallet_reserve", _RESERVE)
         batch.register("wallet_settle", _SETTLE)
         batch.register("wallet_usage", _USAGE)
-        self._retrying: set[asyncio.Task[None]] = set()
+        batch.register("wallet_raise", _RAISE)
+        self._pending: deque[_PendingSettle] = deque()
+        self._retrier: asyncio.Task[None] | None = None
 
-    async def reserve(self, partner_id: str, hold_id: str, cost: int, grants: Sequence[WalletGrant]) -> Reserved:
-        args: list[Any] = [int(self._clock() * 1000), self._lease_ms, hold_id, cost, len(grants)]
+    @property
+    def pending_settles(self) -> int:
+        return len(self._pending)
+
+    async def reserve(
+        self, partner_id: str, hold_id: str, cost: int, grants: Sequence[WalletGrant], closed_through: int = 0
+    ) -> Reserved:
+        args: list[Any] = [self._lease_ms, hold_id, cost, closed_through, len(grants)]
         for grant in grants:
             args += [grant.id, grant.amount, grant.floor]
         try:
             result = await self._batch.call("wallet_reserve", _keys(partner_id), args)
         except (RedisError, TimeoutError) as exc:
             log.warning("prepaid wallet unreachable: %s", exc)
+            if not isinstance(exc, RedisConnectionError):  # no answer: it may have been held; release it
+                self._retry_later(partner_id, hold_id, 0)
             raise Unavailable("the prepaid balance cannot be checked now; retry shortly", retry_after_s=1.0) from exc
-        return Reserved(bool(int(result[0])), int(result[1]))
+        ok, balance, held, seeded = (int(v) for v in result)
+        return Reserved(bool(ok), balance, held, bool(seeded))
+
+    async def raise_floors(self, partner_id: str, floors: Sequence[WalletGrant]) -> None:
+        args = [v for grant in floors for v in (grant.id, grant.floor)]
+        await self._batch.call("wallet_raise", _keys(partner_id)[:1], args)
 
     async def settle(self, partner_id: str, hold_id: str, cost: int) -> None:
         try:
             await self._batch.call("wallet_settle", _keys(partner_id), [hold_id, cost], lazy=True)
         except (RedisError, TimeoutError) as exc:
             log.warning("wallet settle for %s failed, retrying in the background: %r", hold_id, exc)
-            task = asyncio.get_running_loop().create_task(self._retry(partner_id, hold_id, cost))
-            self._retrying.add(task)
-            task.add_done_callback(self._retrying.discard)
+            self._retry_later(partner_id, hold_id, cost)
 
-    async def _retry(self, partner_id: str, hold_id: str, cost: int) -> None:
-        give_up_at, delay = time.monotonic() + self._lease_ms / 1000, _SETTLE_RETRY_FIRST_S
-        while time.monotonic() < give_up_at:
+    def _retry_later(self, partner_id: str, hold_id: str, cost: int) -> None:
+        if len(self._pending) >= _MAX_PENDING_SETTLES:
+            log.warning("wallet settle for %s dropped (queue full); its hold expires with its lease", hold_id)
+            return
+        self._pending.append(_PendingSettle(partner_id, hold_id, cost, time.monotonic() + self._lease_ms / 1000))
+        if self._retrier is None or self._retrier.done():
+            self._retrier = asyncio.get_running_loop().create_task(self._retry_settles())
+
+    async def _retry_settles(self) -> None:
+        """Oldest first; backs off while Redis stays away."""
+        delay = _SETTLE_RETRY_FIRST_S
+        while self._pending:
             await asyncio.sleep(delay)
-            try:
-                await self._batch.call("wallet_settle", _keys(partner_id), [hold_id, cost])
-                return
-            except (RedisError, TimeoutError):
-                delay = min(delay * 2, _SETTLE_RETRY_MAX_S)
-        log.warning("wallet settle for %s dropped: its lease expired and released the hold", hold_id)
+            while self._pending:
+                pending = self._pending[0]
+                if time.monotonic() < pending.give_up_at:
+                    try:
+                        await self._batch.call(
+                            "wallet_settle", _keys(pending.partner_id), [pending.hold_id, pending.cost]
+                        )
+                    except (RedisError, TimeoutError):
+                        delay = min(delay * 2, _SETTLE_RETRY_MAX_S)
+                        break
+                    delay = _SETTLE_RETRY_FIRST_S
+                self._pending.popleft()
 
-    async def usage(self, partner_id: str) -> dict[str, GrantUse]:
+    async def usage(self, partner_id: str) -> dict[str, GrantUse] | None:
         try:
-            used, held = await self._batch.call("wallet_usage", _keys(partner_id)[:2], [])
+            used, held = await self._batch.call("wallet_usage", _keys(partner_id), [])
         except (RedisError, TimeoutError) as exc:
             raise Unavailable("the prepaid balance cannot be read now; retry shortly", retry_after_s=1.0) from exc
+        if not used:
+            return None  # no state for this partner
         used_by, held_by = _pairs(used), _pairs(held)
         return {g: GrantUse(used_by.get(g, 0), held_by.get(g, 0)) for g in set(used_by) | set(held_by)}
 
-    async def close(self) -> None:
-        for task in list(self._retrying):
-            task.cancel()
-        await asyncio.gather(*self._retrying, return_exceptions=True)
+    async def close(self, wait_s: float = _CLOSE_WAIT_S) -> None:
+        """Gives the settlements still waiting ``wait_s`` to land (each not landed keeps its hold until the lease)."""
+        retrier = self._retrier
+        if retrier is not None and not retrier.done():
+            done, _ = await asyncio.wait({retrier}, timeout=wait_s)
+            if not done:
+                retrier.cancel()
+                await asyncio.gather(retrier, return_exceptions=True)
+        if self._pending:
+            log.warning(
+                "%d prepaid settlements not delivered; their holds expire with their leases", len(self._pending)
+            )

@@ -27,7 +27,7 @@ from serving.commerce.prepaid import Prepaid
 from serving.commerce.pricebook import PriceBook
 from serving.commerce.redis_wallet import RedisWallet
 from serving.commerce.wallet import MemoryWallet, Wallet
-from serving.domain import Task
+from serving.domain import Caller, Task
 from serving.gateway.catalog import Catalog
 from serving.gateway.core import Core
 from serving.gateway.grpc import Health, build_grpc_server
@@ -42,7 +42,7 @@ from serving.idempotency.redis_store import RedisIdempotency
 from serving.idempotency.store import IdempotencyStore, MemoryIdempotency
 from serving.identity.tokens import TokenIssuer, TokenVerifier
 from serving.metering.ledger import Ledger
-from serving.metering.usage import tokens_between, usage_by_day
+from serving.metering.usage import spend_since, tokens_between, usage_by_day
 from serving.models.aliases import AliasSpec
 from serving.models.codec import TextCodec
 from serving.models.deployment import models_state
@@ -52,6 +52,7 @@ from serving.observability.metrics import Metrics
 from serving.observability.tracing import build_tracing
 from serving.partners.auth import Authenticator
 from serving.partners.store import PartnerStore
+from serving.plans import Plan
 from serving.quota.admission import Admission
 from serving.quota.limiter import QuotaBackend
 from serving.quota.memory import MemoryQuota
@@ -59,12 +60,14 @@ from serving.quota.redis_quota import RedisQuota
 from serving.settings import Settings
 from serving.storage.database import Database
 from serving.storage.redis_batch import RedisBatch
+from serving.webhooks.events import CreditSnapshot
 from serving.webhooks.service import WebhookService
-from serving.webhooks.store import WebhookStore
+from serving.webhooks.store import Subscription, WebhookStore
 
 log = logging.getLogger("serving.gateway")
 
 _READY_POLL_S = 1.0  # how often the watcher asks the Serve controller
+_WALLET_LEASE_MIN_S = 600.0
 
 
 def build_routes(specs: list[ModelSpec], handles: dict[str, Any], cache_dir: Path) -> dict[str, ModelRoute]:
@@ -164,11 +167,17 @@ def build_idempotency(settings: Settings, redis: RedisBatch | None) -> Idempoten
     return RedisIdempotency(redis, ttl_s=ttl, max_bytes=cap, running_ttl_s=running, timeout_s=settings.redis_timeout_s)
 
 
-def build_prepaid(settings: Settings, store: PartnerStore, redis: RedisBatch | None) -> Prepaid:
-    """The price book and the credit grants; the wallet in-process for one replica, in Redis when replicas share."""
-    lease_s = settings.quota_lease_s or _longest_request_s(settings)
+def build_prepaid(settings: Settings, store: PartnerStore, redis: RedisBatch | None, ledger: Database) -> Prepaid:
+    """The price book and the credit grants; the wallet in-process for one replica, in Redis when replicas share;
+    the ledger bounds what an empty wallet may count as unspent."""
+    # A hold outlives its request by far: a settlement arriving after the lease would draw nothing, so the lease
+    # covers the longest request and the settlement's retries through a Redis outage (a dead gateway's holds are
+    # given back that much later).
+    lease_s = max(_WALLET_LEASE_MIN_S, 2 * (settings.quota_lease_s or _longest_request_s(settings)))
     wallet: Wallet = MemoryWallet(lease_s) if redis is None else RedisWallet(redis, lease_s=lease_s)
-    return Prepaid(PriceBook.load(settings.price_book), CreditStore(store.db), wallet, settings.auth_cache_ttl_s)
+    book, credits = PriceBook.load(settings.price_book), CreditStore(store.db)
+    spend = functools.partial(spend_since, ledger)
+    return Prepaid(book, credits, wallet, settings.auth_cache_ttl_s, ledger_spend=spend)
 
 
 def build_quota(settings: Settings, metrics: Metrics, redis: RedisBatch | None) -> QuotaBackend:
@@ -230,10 +239,12 @@ class Gateway:
         self.oauth = OAuthEndpoints(issuer, store.signing.jwks)
         # Usage alerts: endpoints, events and deliveries in the partner database; usage read from the ledger's.
         usage = functools.partial(tokens_between, self.ledger.db)
-        self.webhooks = WebhookService(WebhookStore(store.db), usage, settings.webhooks, settings.gateway_id)
+        self.prepaid = build_prepaid(settings, store, self.redis, self.ledger.db)
+        self.webhooks = WebhookService(
+            WebhookStore(store.db), usage, settings.webhooks, settings.gateway_id, balances=self._credit_snapshot
+        )
         self.idempotency = build_idempotency(settings, self.redis)
         self.keys = IdempotencyKeys(self.idempotency, self.ledger.seen, settings.idempotency_retry_ttl_s)
-        self.prepaid = build_prepaid(settings, store, self.redis)
         self.admission = Admission(
             self.quota, specs, settings.admission, on_shed=self._count_shed, prepaid=self.prepaid
         )
@@ -265,6 +276,15 @@ class Gateway:
         self._drained = False
         self._closed = False
         self._final_scrape = asyncio.Event()  # a scrape after the drain read the final counters
+
+    async def _credit_snapshot(self, sub: Subscription) -> CreditSnapshot | None:
+        """What balance alerts compare: the partner's active grants, used and granted."""
+        caller = Caller(sub.partner_id, "", Plan(sub.plan, prepaid=sub.prepaid))
+        found = await self.prepaid.used_of_grants(caller)
+        if found is None:
+            return None
+        ids, used, granted = found
+        return CreditSnapshot(tuple(ids), used, granted, self.prepaid.book.currency)
 
     def _count_shed(self, model: str, reason: str) -> None:
         self.metrics.shed.labels(model, reason).inc()
@@ -410,6 +430,7 @@ class Gateway:
         if self._ops is not None:
             self._ops[0].should_exit = True
             await asyncio.gather(self._ops[1], return_exceptions=True)
+        await self.prepaid.close()  # floors being raised read the ledger
         self.ledger.db.close()
         self.authenticator.close()
         await self.router.close()

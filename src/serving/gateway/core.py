@@ -211,8 +211,8 @@ class Core:
         self, call: Call, ctx: CallContext, route: ModelRoute, item: GenerateItem
     ) -> AsyncIterator[StreamEvent]:
         # Output tokens whose text was handed to the front door: what a stream that stops now is billed. A delta
-        # counts from the moment it is handed over, so a cancel that lands while the transport sends it can
-        # only over-bill by that one delta (the client may not have got it), never under-bill.
+        # counts from the moment it is handed over, so a cancel that lands while the transport sends it can only
+        # over-bill by the deltas still in the transport's buffers (the client may not have got them), never under.
         sent_tokens = 0
         deadline = None if ctx.timeout_s is None else asyncio.get_running_loop().time() + ctx.timeout_s
         pace = StreamPace(self._metrics, call.model, call.started_perf)
@@ -358,7 +358,9 @@ class Core:
         try:
             await self._admission.enter(call.model, caller)
         except BaseException:
-            self._admission.settle_soon(reservation, Usage())  # not awaited: a cancel must not leak the reservation
+            self._admission.settle_soon(
+                reservation, Usage(), admitted=False
+            )  # not awaited: a cancel must not leak the reservation
             raise
         call.entered = True
         call.reservation = reservation
@@ -389,7 +391,7 @@ class Core:
         if call.reservation is not None and call.refused_by_model():
             # The model turned it away before producing anything (at capacity, or its replica is gone): like a
             # request the gateway shed, it costs nothing, leaves no record, and its idempotency key is free again.
-            self._admission.settle_soon(call.reservation, Usage())
+            self._admission.settle_soon(call.reservation, Usage(), admitted=False)
             call.reservation = None
         if call.reservation is not None:
             assert call.caller is not None

@@ -43,3 +43,23 @@ def tokens_between(db: Database, partner_id: str, start_day: str, end_day: str) 
         (partner_id, start_day, end_day),
     )
     return 0 if row is None else int(row[0])
+
+
+@dataclass(frozen=True)
+class SpendRow:
+    month: str  # "YYYY-MM" of the records' day
+    model: str
+    requests: int
+    input_tokens: int
+    output_tokens: int
+
+
+def spend_since(db: Database, partner_id: str, since: float) -> list[SpendRow]:
+    """The partner's usage finished at or after ``since``, per month and model (what a prepaid wallet that lost its
+    state re-derives its use from)."""
+    rows = db.query(
+        "SELECT SUBSTR(day, 1, 7), model, COUNT(*), SUM(input_tokens), SUM(output_tokens) FROM usage_records"
+        " WHERE partner_id = ? AND finished_at >= ? GROUP BY SUBSTR(day, 1, 7), model",
+        (partner_id, since),
+    )
+    return [SpendRow(str(r[0]), str(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows]

@@ -24,8 +24,8 @@ _LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 # The closed label sets (bounded cardinality).
 SHED_REASONS = ("queue_full", "queue_timeout", "backpressure")
 REPLICA_STATES = ("running", "starting", "updating", "recovering", "stopping")
-# quota.limiter.exceeded, and a prepaid balance too small (errors.InsufficientCredit)
-QUOTA_REASONS = ("requests", "tokens", "tokens_request", "concurrency", "monthly_tokens", "balance")
+# quota.limiter.exceeded; a prepaid balance too small (errors.InsufficientCredit), or held by requests in flight
+QUOTA_REASONS = ("requests", "tokens", "tokens_request", "concurrency", "monthly_tokens", "balance", "balance_held")
 
 # Read at scrape time by GpuCollector, only where CUDA exists: (name, type, help, labels).
 GPU_METRICS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (

@@ -198,7 +198,15 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
                 grant_id TEXT NOT NULL REFERENCES credit_grants(id),
                 partner_id TEXT NOT NULL,
                 amount TEXT NOT NULL,
+                period_end DOUBLE PRECISION NOT NULL,
                 PRIMARY KEY (period, grant_id)
+            )""",
+            # Every partner a closed period invoiced (with or without draws): how far closed invoices account for it.
+            """CREATE TABLE IF NOT EXISTS credit_closes (
+                period TEXT NOT NULL,
+                partner_id TEXT NOT NULL,
+                period_end DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (period, partner_id)
             )""",
         ],
     ),

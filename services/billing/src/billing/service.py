@@ -151,14 +151,15 @@ class BillingService:
         return usable
 
     def _record_draws(self, period: Period, invoices: list[Invoice]) -> None:
-        """Writes what each invoice drew from each grant into the partner database, where gateways read balances;
-        before the close commits (idempotent: a retried close writes the same rows)."""
+        """Writes which partners the period invoiced and what each invoice drew from each grant into the partner
+        database, where gateways read balances, just before billing's own close commits: a close that fails after it
+        leaves them, and the next close of the period replaces them (see ``CreditStore.record_close``)."""
         draws = [(i.partner, use.grant_id, use.applied) for i in invoices for use in i.credits]
-        if not draws:
+        if not self._partners_db_exists():
             return
         db = Database(self.settings.partners_db_url, max_connections=1)
         try:
-            CreditStore(db).record_draws(period.id, draws)
+            CreditStore(db).record_close(period.id, period.end, [i.partner for i in invoices], draws)
         finally:
             db.close()
 

@@ -167,6 +167,10 @@ async def test_prepaid_generations_on_two_replicas_never_overspend_and_the_invoi
             assert statement["prepaid"] is True and statement["currency"] == "USD"
             assert (grant["id"], Decimal(grant["used"]), Decimal(grant["held"])) == (grant_id, spent, 0)
             assert Decimal(statement["balance"]) == left
+            async with AsyncClient(f"127.0.0.1:{one.grpc_port}", key) as client:  # the same over gRPC (SDK)
+                balance = await client.get_credits()
+            assert (balance.partner_id, balance.prepaid, balance.balance, balance.held) == (partner.id, True, left, 0)
+            assert [(g.id, g.used, g.remaining) for g in balance.grants] == [(grant_id, spent, left)]
 
             # Balance alerts: 50 % and 80 % of the grant used, each event once, signed (both replicas evaluate).
             def crossed() -> bool:

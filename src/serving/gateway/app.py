@@ -259,6 +259,7 @@ class Gateway:
             self.keys,
             self.tracing,
             catalog,
+            credits=self.prepaid,
         )
         self.app_names = {spec.id: f"{settings.serve_app_name}-{spec.id}" for spec in specs}
         self.readiness = _Readiness(list(self.app_names.values()))
@@ -365,7 +366,6 @@ class Gateway:
             self.readiness,
             self.oauth,
             self.webhooks,
-            self.prepaid,
         )
         tls = s.tls_cert_file is not None
         self._http = await self._serve_http(partner_app, s.http_host, s.http_port, reuse_port, tls)

@@ -3,6 +3,8 @@ touches ``_pb2`` code besides the gRPC wiring."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from serving.domain import (
     ChatMessage,
     ClassifyRequest,
@@ -143,5 +145,31 @@ def usage_response(report: UsageReport) -> usage_pb2.GetUsageResponse:
                 output_tokens=r.output_tokens,
             )
             for r in report.rows
+        ],
+    )
+
+
+def credits_response(statement: dict[str, Any]) -> usage_pb2.GetCreditsResponse:
+    """``Prepaid.statement``'s JSON shape as the proto (money stays decimal strings)."""
+    return usage_pb2.GetCreditsResponse(
+        partner_id=statement["partner"],
+        currency=statement["currency"],
+        prepaid=statement["prepaid"],
+        balance=statement["balance"],
+        held=statement["held"],
+        grants=[
+            usage_pb2.CreditGrant(
+                id=g["id"],
+                kind=g["kind"],
+                amount=g["amount"],
+                used=g["used"],
+                held=g["held"],
+                remaining=g["remaining"],
+                priority=g["priority"],
+                granted_at=g["granted_at"],
+                expires_at=g["expires_at"] or 0,
+                status=g["status"],
+            )
+            for g in statement["grants"]
         ],
     )

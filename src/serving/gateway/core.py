@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field, replace
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from serving.domain import (
     Caller,
@@ -36,6 +36,7 @@ from serving.errors import (
     InsufficientScope,
     PermissionDenied,
     QuotaExceeded,
+    RouteNotFound,
     ServingError,
     Unavailable,
 )
@@ -69,6 +70,12 @@ class UsageSink(Protocol):
 
 class UsageSource(Protocol):
     def __call__(self, partner_id: str, start_day: str, end_day: str) -> list[UsageRow]: ...
+
+
+class CreditSource(Protocol):
+    """The caller's credit grants and balance (``serving.commerce.prepaid.Prepaid.statement``)."""
+
+    async def statement(self, caller: Caller) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -109,6 +116,7 @@ class Core:
         keys: IdempotencyKeys,
         tracing: Tracing | None = None,
         catalog: Catalog | None = None,
+        credits: CreditSource | None = None,
     ) -> None:
         self._tracing = tracing or Tracing.disabled()
         # Model names → models (aliases, versions, sunsets); by default the router's models and no alias.
@@ -121,6 +129,7 @@ class Core:
         self._ledger = ledger
         self._usage = usage
         self._keys = keys
+        self._credits = credits
         self._active = 0  # calls begun and not yet finished
         self._idle = asyncio.Event()
         self._storing: set[asyncio.Task[None]] = set()  # idempotency outcomes being stored
@@ -261,6 +270,13 @@ class Core:
         start, end = validation.day_range(start_day, end_day, datetime.datetime.now(datetime.UTC).date())
         rows = await asyncio.to_thread(self._usage, caller.partner_id, start, end)
         return UsageReport(caller.partner_id, start, end, rows)
+
+    async def credits(self, ctx: CallContext) -> dict[str, Any]:
+        """The caller's own credit grants and balance; the credential alone decides whose."""
+        caller = await self.authenticate(ctx, USAGE_READ)
+        if self._credits is None:
+            raise RouteNotFound("credits are not served by this gateway")
+        return await self._credits.statement(caller)
 
     async def authenticate(self, ctx: CallContext, scope: str | None = None) -> Caller:
         """The key or access token, the IP rule, and the operation's scope (None: any valid credential)."""

@@ -213,7 +213,13 @@ class GrpcFrontDoor:
                 convert.usage_request,
                 lambda ctx, days: core.usage(ctx, *days),
                 convert.usage_response,
-            )
+            ),
+            "GetCredits": self._unary(
+                usage_pb2.GetCreditsRequest,
+                lambda _request: None,
+                lambda ctx, _none: core.credits(ctx),
+                convert.credits_response,
+            ),
         }
         return [
             grpc.method_handlers_generic_handler(INFERENCE_SERVICE, inference),

@@ -12,7 +12,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from serving.commerce.prepaid import Prepaid
 from serving.domain import (
     ClassifyRequest,
     EmbedRequest,
@@ -40,7 +39,6 @@ from serving.gateway.http_oauth import OAuthEndpoints, oauth_routes
 from serving.gateway.http_openai import openai_router
 from serving.gateway.http_webhooks import webhooks_router
 from serving.gateway.stream import EventStream
-from serving.identity.scopes import USAGE_READ
 from serving.webhooks.service import WebhookService
 
 
@@ -94,7 +92,6 @@ def build_http_app(
     ready: ReadyCheck,
     oauth: OAuthEndpoints | None = None,
     webhooks: WebhookService | None = None,
-    credits: Prepaid | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="Partner model API",
@@ -173,16 +170,13 @@ def build_http_app(
             rows=report.rows,
         )
 
-    if credits is not None:
-
-        @app.get("/v1/credits", tags=["usage"])
-        async def credit_balance(request: Request) -> dict[str, Any]:
-            """Your credit grants with what is left of each, and your balance (what active grants have left). On a
-            prepaid plan it is live: every request holds its maximum cost, then draws its actual cost."""
-            if request.query_params:
-                raise InvalidInput("this route takes no query parameters; credits are always the caller's own")
-            caller = await core.authenticate(call_context(request, config), USAGE_READ)
-            return await credits.statement(caller)
+    @app.get("/v1/credits", tags=["usage"])
+    async def credit_balance(request: Request) -> dict[str, Any]:
+        """Your credit grants with what is left of each, and your balance (what active grants have left). On a
+        prepaid plan it is live: every request holds its maximum cost, then draws its actual cost."""
+        if request.query_params:
+            raise InvalidInput("this route takes no query parameters; credits are always the caller's own")
+        return await core.credits(call_context(request, config))
 
     app.include_router(openai_router(core, config))
     if webhooks is not None:

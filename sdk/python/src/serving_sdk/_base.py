@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -21,6 +22,8 @@ from serving_sdk.types import (
     ChatMessage,
     Classification,
     ClassifyResult,
+    CreditBalance,
+    CreditGrant,
     EmbedResult,
     FinishReason,
     GenerateResult,
@@ -287,6 +290,29 @@ def models_result(msg: models_pb2.ListModelsResponse) -> list[ModelInfo]:
         )
         for m in msg.models
     ]
+
+
+def _moment(seconds: int) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+
+
+def credits_result(msg: usage_pb2.GetCreditsResponse) -> CreditBalance:
+    grants = [
+        CreditGrant(
+            g.id,
+            g.kind,
+            Decimal(g.amount),
+            Decimal(g.used),
+            Decimal(g.held),
+            Decimal(g.remaining),
+            g.priority,
+            _moment(g.granted_at),
+            _moment(g.expires_at) if g.expires_at else None,
+            g.status,
+        )
+        for g in msg.grants
+    ]
+    return CreditBalance(msg.partner_id, msg.currency, msg.prepaid, Decimal(msg.balance), Decimal(msg.held), grants)
 
 
 def usage_result(msg: usage_pb2.GetUsageResponse) -> UsageReport:

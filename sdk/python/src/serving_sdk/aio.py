@@ -11,8 +11,16 @@ import grpc
 from serving_sdk import _base
 from serving_sdk._base import Call, ClientBase, Prompt, Sampling
 from serving_sdk.errors import api_error
-from serving_sdk.types import ClassifyResult, EmbedResult, GenerateResult, ModelInfo, StreamEvent, UsageReport
-from serving_sdk.v1 import models_pb2
+from serving_sdk.types import (
+    ClassifyResult,
+    CreditBalance,
+    EmbedResult,
+    GenerateResult,
+    ModelInfo,
+    StreamEvent,
+    UsageReport,
+)
+from serving_sdk.v1 import models_pb2, usage_pb2
 
 R = TypeVar("R")
 T = TypeVar("T")
@@ -118,6 +126,11 @@ class AsyncClient(ClientBase):
         """This partner's usage per day, model and operation (UTC days, YYYY-MM-DD; defaults: month to date)."""
         request = _base.usage_request(start_day, end_day)
         return await self._unary(self._call(), self._usage.GetUsage, request, _base.usage_result)
+
+    async def get_credits(self) -> CreditBalance:
+        """This partner's credit grants, what is left of each, and its balance (live on a prepaid plan)."""
+        request = usage_pb2.GetCreditsRequest()
+        return await self._unary(self._call(), self._usage.GetCredits, request, _base.credits_result)
 
     async def list_models(self) -> list[ModelInfo]:
         """The models this key's plan allows."""

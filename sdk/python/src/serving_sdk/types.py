@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import enum
 from dataclasses import dataclass
+from decimal import Decimal
 
 
 class FinishReason(enum.StrEnum):
@@ -106,3 +107,29 @@ class UsageReport:
     start_day: str
     end_day: str
     rows: list[UsageRow]
+
+
+@dataclass(frozen=True)
+class CreditGrant:
+    """One credit grant (or, on a prepaid plan, the month's allowance); money in the balance's currency."""
+
+    id: str
+    kind: str  # purchased | promotional | allowance
+    amount: Decimal
+    used: Decimal
+    held: Decimal  # by requests in flight (prepaid plans)
+    remaining: Decimal
+    priority: int  # lower is drawn first
+    granted_at: datetime.datetime
+    expires_at: datetime.datetime | None
+    status: str  # active | expired | scheduled
+
+
+@dataclass(frozen=True)
+class CreditBalance:
+    partner_id: str
+    currency: str
+    prepaid: bool  # every request holds its maximum cost from the balance
+    balance: Decimal  # what active grants have left
+    held: Decimal
+    grants: list[CreditGrant]

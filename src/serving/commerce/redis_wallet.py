@@ -12,12 +12,9 @@ Amounts are integer units (10⁻⁹); Lua numbers are doubles, exact to 2^53 uni
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
-import time
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -26,13 +23,11 @@ from redis.exceptions import RedisError
 from serving.commerce.wallet import GrantUse, Reserved, WalletGrant
 from serving.errors import Unavailable
 from serving.storage.redis_batch import RedisBatch
+from serving.storage.retry_queue import RetryQueue
 
 log = logging.getLogger("serving.wallet")
 
-_SETTLE_RETRY_FIRST_S = 0.25
-_SETTLE_RETRY_MAX_S = 5.0
 _CLOSE_WAIT_S = 10.0
-_MAX_PENDING_SETTLES = 10_000  # beyond this a failed settlement is dropped and its hold expires with its lease
 
 # Frees the holds whose lease expired (their gateway never settled). Times are Redis' own (TIME), never a replica's
 # clock, so a replica whose clock runs ahead cannot expire another's hold early. Sets ``now`` (ms).
@@ -155,14 +150,6 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-@dataclass(frozen=True)
-class _PendingSettle:
-    partner_id: str
-    hold_id: str
-    cost: int
-    give_up_at: float  # monotonic; past it the hold's lease has expired and settling changes nothing
-
-
 class RedisWallet:
     """Money fails closed: when Redis cannot be reached a prepaid request is refused (UNAVAILABLE, retry), whatever
     the quota's failure policy. A settlement that cannot reach Redis, and the release of a hold whose reserve got no
@@ -176,12 +163,11 @@ class RedisWallet:
         batch.register("wallet_settle", _SETTLE)
         batch.register("wallet_usage", _USAGE)
         batch.register("wallet_raise", _RAISE)
-        self._pending: deque[_PendingSettle] = deque()
-        self._retrier: asyncio.Task[None] | None = None
+        self._retries = RetryQueue("prepaid settlements")
 
     @property
     def pending_settles(self) -> int:
-        return len(self._pending)
+        return len(self._retries)
 
     async def reserve(
         self, partner_id: str, hold_id: str, cost: int, grants: Sequence[WalletGrant], closed_through: int = 0
@@ -211,30 +197,8 @@ class RedisWallet:
             self._retry_later(partner_id, hold_id, cost)
 
     def _retry_later(self, partner_id: str, hold_id: str, cost: int) -> None:
-        if len(self._pending) >= _MAX_PENDING_SETTLES:
-            log.warning("wallet settle for %s dropped (queue full); its hold expires with its lease", hold_id)
-            return
-        self._pending.append(_PendingSettle(partner_id, hold_id, cost, time.monotonic() + self._lease_ms / 1000))
-        if self._retrier is None or self._retrier.done():
-            self._retrier = asyncio.get_running_loop().create_task(self._retry_settles())
-
-    async def _retry_settles(self) -> None:
-        """Oldest first; backs off while Redis stays away."""
-        delay = _SETTLE_RETRY_FIRST_S
-        while self._pending:
-            await asyncio.sleep(delay)
-            while self._pending:
-                pending = self._pending[0]
-                if time.monotonic() < pending.give_up_at:
-                    try:
-                        await self._batch.call(
-                            "wallet_settle", _keys(pending.partner_id), [pending.hold_id, pending.cost]
-                        )
-                    except (RedisError, TimeoutError):
-                        delay = min(delay * 2, _SETTLE_RETRY_MAX_S)
-                        break
-                    delay = _SETTLE_RETRY_FIRST_S
-                self._pending.popleft()
+        settle = functools.partial(self._batch.call, "wallet_settle", _keys(partner_id), [hold_id, cost])
+        self._retries.add(settle, self._lease_ms / 1000, hold_id)
 
     async def usage(self, partner_id: str) -> dict[str, GrantUse] | None:
         try:
@@ -248,13 +212,4 @@ class RedisWallet:
 
     async def close(self, wait_s: float = _CLOSE_WAIT_S) -> None:
         """Gives the settlements still waiting ``wait_s`` to land (each not landed keeps its hold until the lease)."""
-        retrier = self._retrier
-        if retrier is not None and not retrier.done():
-            done, _ = await asyncio.wait({retrier}, timeout=wait_s)
-            if not done:
-                retrier.cancel()
-                await asyncio.gather(retrier, return_exceptions=True)
-        if self._pending:
-            log.warning(
-                "%d prepaid settlements not delivered; their holds expire with their leases", len(self._pending)
-            )
+        await self._retries.close(wait_s)

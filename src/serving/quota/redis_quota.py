@@ -18,12 +18,10 @@ the longest a request can hold one, so a lease whose settlement never arrives fr
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -42,13 +40,11 @@ from serving.quota.limiter import (
     seconds_to_month_end,
 )
 from serving.storage.redis_batch import RedisBatch
+from serving.storage.retry_queue import RetryQueue
 
 log = logging.getLogger("serving.quota")
 
 DEFAULT_LEASE_S = 90.0  # what Settings derives by default: http_timeout_s + admission wait + shutdown grace
-_SETTLE_RETRY_FIRST_S = 0.25  # background settle retries: first delay, doubling up to the cap
-_SETTLE_RETRY_MAX_S = 5.0
-_MAX_PENDING_SETTLES = 10_000  # beyond this a failed settlement is dropped and its lease expires
 # An unreachable Redis: redis-py's connection errors and timeouts, or the overall bound on one call.
 _UNREACHABLE = (RedisError, TimeoutError)
 
@@ -137,13 +133,6 @@ def _keys(partner_id: str, month: str) -> list[str]:
     return [f"{tag}:win", f"{tag}:bkt", f"{tag}:lease", f"{tag}:month:{month}"]
 
 
-@dataclass(frozen=True)
-class _PendingSettle:
-    reservation: Reservation
-    actual_tokens: int
-    give_up_at: float  # monotonic; past it the lease has expired and settling changes nothing
-
-
 class RedisQuota:
     def __init__(
         self,
@@ -166,18 +155,16 @@ class RedisQuota:
         self._lease_ms = int(lease_s * 1000)
         self._fail_open = fail_open
         self._on_fail_open = on_fail_open
-        self._pending: deque[_PendingSettle] = deque()
-        self._retrier: asyncio.Task[None] | None = None
+        self._retries = RetryQueue("quota settlements")
 
     @property
     def pending_settles(self) -> int:
         """Settlements waiting for Redis to answer again."""
-        return len(self._pending)
+        return len(self._retries)
 
     async def settled(self) -> None:
         """Returns once every failed settlement has landed or outlived its lease (the retries have ended)."""
-        while self._retrier is not None and not self._retrier.done():
-            await asyncio.shield(self._retrier)
+        await self._retries.drained()
 
     async def _call(self, name: str, keys: list[str], args: list[Any], *, lazy: bool = False) -> Any:
         """One operation in the next batch. Its wait is bounded by the connection's timeout_s per round trip
@@ -239,35 +226,10 @@ class RedisQuota:
         await self._call("quota_settle", [win, lease, month], args, lazy=True)
 
     def _retry_later(self, reservation: Reservation, actual_tokens: int) -> None:
-        if len(self._pending) >= _MAX_PENDING_SETTLES:
-            log.warning("quota settle for %s dropped; its lease expires", reservation.reservation_id)
-            return
-        give_up_at = time.monotonic() + self._lease_ms / 1000
-        self._pending.append(_PendingSettle(reservation, actual_tokens, give_up_at))
-        if self._retrier is None or self._retrier.done():
-            self._retrier = asyncio.get_running_loop().create_task(self._retry_settles())
-
-    async def _retry_settles(self) -> None:
-        """One task per quota store: settles what failed, oldest first, backing off while Redis stays away."""
-        delay = _SETTLE_RETRY_FIRST_S
-        while self._pending:
-            await asyncio.sleep(delay)
-            while self._pending:
-                pending = self._pending[0]
-                if time.monotonic() < pending.give_up_at:
-                    try:
-                        await self._settle_once(pending.reservation, pending.actual_tokens)
-                    except _UNREACHABLE:
-                        delay = min(delay * 2, _SETTLE_RETRY_MAX_S)
-                        break
-                    delay = _SETTLE_RETRY_FIRST_S
-                self._pending.popleft()  # settled, or its lease has expired and freed the slot already
+        settle = functools.partial(self._settle_once, reservation, actual_tokens)
+        self._retries.add(settle, self._lease_ms / 1000, reservation.reservation_id)
 
     async def close(self) -> None:
-        if self._retrier is not None:
-            self._retrier.cancel()
-            await asyncio.gather(self._retrier, return_exceptions=True)
-        if self._pending:
-            log.warning("%d quota settlements not delivered; their leases expire", len(self._pending))
+        await self._retries.close()
         if self._owns_batch:
             await self._batch.close()
